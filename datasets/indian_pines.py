@@ -1,0 +1,294 @@
+"""Indian Pines (AVIRIS, 1992): a pixel-classification scene cut into a spatially blocked split.
+
+Files read from ``ROOT`` (see ``shared/data/indian_pines_aviris/README.txt``):
+``Indian_pines_corrected.npy`` (145, 145, 200) uint16 DN and ``Indian_pines_gt.npy`` (145, 145)
+uint8 with 0 = unlabelled and 1..16 the classes in ``CLASS_NAMES`` order (label ``k`` becomes
+class index ``k - 1``).
+
+Band order: the file's 200 bands in file order are the registry bands ``AVIRIS:B001`` ..
+``AVIRIS:B200`` (sensor ``AVIRIS`` of ``eoforge.datasets.sensors``, the corrected cube with the
+20 water-absorption bands already removed); their wavelengths come from that registry.
+
+Split rule: the scene is cut into square blocks of ``block_size`` pixels (the last row and column
+of blocks absorb the remainder), and a seeded rng assigns ``train_fraction`` of the blocks to
+train and the rest to test, redrawing until both splits keep labelled pixels. Every labelled
+pixel becomes one sample: the ``window`` x ``window`` neighbourhood around it (rows
+``r - window // 2 .. r + (window - 1) // 2``, likewise columns; reflect-padded at the scene
+border). A pixel is kept only when every scene pixel its window reads lies in a block of its own
+split, so no test window overlaps a training window or pixel, nor the other way round.
+
+Normalisation follows the ``stats.json`` convention (clip to [p1, p99], scale to [0, 1], then
+z-score) with statistics computed on the pixels of the TRAIN blocks only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from eoforge.datasets.errors import DataError
+from eoforge.datasets.sensors import get_sensor
+
+IMAGE_FILE = "Indian_pines_corrected.npy"
+LABEL_FILE = "Indian_pines_gt.npy"
+SENSOR = "AVIRIS"
+CLASS_NAMES = (
+    "Alfalfa", "Corn-notill", "Corn-mintill", "Corn", "Grass-pasture", "Grass-trees",
+    "Grass-pasture-mowed", "Hay-windrowed", "Oats", "Soybean-notill", "Soybean-mintill",
+    "Soybean-clean", "Wheat", "Woods", "Buildings-Grass-Trees-Drives", "Stone-Steel-Towers",
+)
+TRAIN, TEST = 0, 1
+MAX_SPLIT_DRAWS = 100
+
+
+class Windows:
+    """Array-like ``[N, C, w, w]`` float32 neighbourhoods cut on access.
+
+    The whole scene at window 16 would take about 2 GB as float32 windows; this keeps only the
+    padded normalised cube and the pixel coordinates, and cuts windows for the indices asked.
+
+    Args:
+        padded: normalised cube [H + w - 1, W + w - 1, C] float32, reflect-padded.
+        pixels: [N, 2] (row, col) scene coordinates of the window centres.
+        window: window side in pixels.
+    """
+
+    def __init__(self, padded: np.ndarray, pixels: np.ndarray, window: int):
+        self.pixels = pixels
+        self.window = window
+        self._views = sliding_window_view(padded, (window, window), axis=(0, 1))  # [H, W, C, w, w]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.pixels), self._views.shape[2], self.window, self.window)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._views.dtype
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """Windows for an int ([C, w, w]), a slice or an index array ([n, C, w, w])."""
+        rows, cols = self.pixels[key].T
+        return np.ascontiguousarray(self._views[rows, cols])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+@dataclass
+class PixelSplit:
+    """A spatially blocked train/test split of one labelled scene.
+
+    Attributes:
+        x_train, x_test: normalised windows [N, C, w, w] float32 (array-like, see ``Windows``).
+        y_train, y_test: class indices [N] int64 into ``class_names``.
+        band_ids: registry keys of the C bands, in the channel order of ``x``.
+        wavelengths: [C] float32 band-centre wavelengths in nm.
+        class_names: names of the class indices.
+        split_hash: sha256 of the train and test pixel index lists (record it with results).
+        train_pixels, test_pixels: [N, 2] (row, col) of the window centres.
+        split_map: [H, W] int8 block assignment of every scene pixel (0 train, 1 test).
+        stats: per-band {p1, p99, mean, std} computed on the train blocks' pixels.
+        window, block_size: the split parameters.
+    """
+
+    x_train: Windows
+    y_train: np.ndarray
+    x_test: Windows
+    y_test: np.ndarray
+    band_ids: list[str]
+    wavelengths: np.ndarray
+    class_names: list[str]
+    split_hash: str
+    train_pixels: np.ndarray
+    test_pixels: np.ndarray
+    split_map: np.ndarray
+    stats: dict[str, dict[str, float]]
+    window: int
+    block_size: int
+
+
+def load_indian_pines(
+    root: str | Path,
+    *,
+    window: int = 16,
+    block_size: int = 24,
+    train_fraction: float = 0.6,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> PixelSplit:
+    """Read Indian Pines from ``root`` and cut the spatially blocked split (module docstring).
+
+    Args:
+        root: folder holding ``Indian_pines_corrected.npy`` and ``Indian_pines_gt.npy``.
+        window: side of the neighbourhood cut around each labelled pixel.
+        block_size: side of the square blocks assigned to train or test.
+        train_fraction: share of the blocks that go to train.
+        seed: seeds the block assignment and the subsampling caps.
+        max_train, max_test: keep at most this many samples per split, a seeded class-stratified
+            subsample (None keeps all).
+
+    Returns:
+        The split with normalised windows, labels, band identity and the split hash.
+    """
+    if window < 1 or block_size < 1 or not 0 < train_fraction < 1:
+        raise ValueError(
+            f"window={window}, block_size={block_size} must be >= 1 and "
+            f"train_fraction={train_fraction} inside (0, 1)"
+        )
+    image, labels = _read(Path(root))
+    sensor = get_sensor(SENSOR)
+    rng = np.random.default_rng(seed)
+    split_map, keep = _blocked_split(labels, window, block_size, train_fraction, rng, Path(root))
+    band_ids = [band.band_id for band in sensor.bands]
+    stats = _train_stats(image[split_map == TRAIN], band_ids, Path(root) / IMAGE_FILE)
+    before, after = window // 2, window - 1 - window // 2
+    padded = np.pad(_normalise(image, stats, band_ids), ((before, after), (before, after), (0, 0)),
+                    mode="reflect")  # [H + w - 1, W + w - 1, C]
+    pixels = {}
+    for split, cap in ((TRAIN, max_train), (TEST, max_test)):
+        coords = np.argwhere(keep & (split_map == split))  # [N, 2] in scene (row-major) order
+        pixels[split] = coords[_stratified_subset(labels[coords[:, 0], coords[:, 1]], cap, rng)]
+    y = {s: labels[p[:, 0], p[:, 1]].astype(np.int64) - 1 for s, p in pixels.items()}
+    return PixelSplit(
+        x_train=Windows(padded, pixels[TRAIN], window),
+        y_train=y[TRAIN],
+        x_test=Windows(padded, pixels[TEST], window),
+        y_test=y[TEST],
+        band_ids=band_ids,
+        wavelengths=np.array([band.wavelength for band in sensor.bands], dtype=np.float32),
+        class_names=list(CLASS_NAMES),
+        split_hash=split_hash(pixels[TRAIN], pixels[TEST], labels.shape[1]),
+        train_pixels=pixels[TRAIN],
+        test_pixels=pixels[TEST],
+        split_map=split_map,
+        stats=stats,
+        window=window,
+        block_size=block_size,
+    )
+
+
+def split_hash(train_pixels: np.ndarray, test_pixels: np.ndarray, width: int) -> str:
+    """sha256 over the flat (row * width + col) train and test index lists."""
+    digest = hashlib.sha256()
+    for name, pixels in (("train", train_pixels), ("test", test_pixels)):
+        flat = pixels[:, 0].astype(np.int64) * width + pixels[:, 1]
+        digest.update(f"{name}:{len(flat)}:".encode())
+        digest.update(flat.astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def _read(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The cube [H, W, C] uint16 and the label map [H, W], checked against the registry."""
+    for name in (IMAGE_FILE, LABEL_FILE):
+        if not (root / name).is_file():
+            raise DataError(
+                f"{root / name} not found; point the dataset at the folder holding "
+                f"{IMAGE_FILE} and {LABEL_FILE} (e.g. shared/data/indian_pines_aviris)"
+            )
+    # allow_pickle=False: these are plain arrays, and loading data must never unpickle.
+    image = np.load(root / IMAGE_FILE, allow_pickle=False)
+    labels = np.load(root / LABEL_FILE, allow_pickle=False)
+    n_bands = len(get_sensor(SENSOR).bands)
+    if image.ndim != 3 or image.shape[2] != n_bands:
+        raise DataError(
+            f"{root / IMAGE_FILE} has shape {image.shape}; expected (H, W, {n_bands}) with the "
+            f"{n_bands} bands of registry sensor {SENSOR} (the 'corrected' cube)"
+        )
+    if labels.shape != image.shape[:2]:
+        raise DataError(
+            f"{root / LABEL_FILE} has shape {labels.shape} but the image is {image.shape[:2]}"
+        )
+    if labels.min() < 0 or labels.max() > len(CLASS_NAMES):
+        raise DataError(
+            f"{root / LABEL_FILE} holds labels {labels.min()}..{labels.max()}; expected "
+            f"0 (unlabelled) to {len(CLASS_NAMES)}"
+        )
+    return image, labels
+
+
+def _blocked_split(
+    labels: np.ndarray,
+    window: int,
+    block_size: int,
+    train_fraction: float,
+    rng: np.random.Generator,
+    root: Path,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block assignment [H, W] int8 and the mask [H, W] of labelled pixels whose window stays
+    inside blocks of their own split."""
+    height, width = labels.shape
+    grid = max(1, height // block_size), max(1, width // block_size)
+    block_rows = np.minimum(np.arange(height) // block_size, grid[0] - 1)
+    block_cols = np.minimum(np.arange(width) // block_size, grid[1] - 1)
+    n_blocks = grid[0] * grid[1]
+    n_train = min(max(round(train_fraction * n_blocks), 1), n_blocks - 1)
+    before, after = window // 2, window - 1 - window // 2
+    for _ in range(MAX_SPLIT_DRAWS):
+        assign = np.full(n_blocks, TEST, dtype=np.int8)
+        assign[rng.permutation(n_blocks)[:n_train]] = TRAIN
+        split_map = assign.reshape(grid)[block_rows[:, None], block_cols[None, :]]  # [H, W]
+        # Pad the split map exactly like the cube, so a window's cells name the split of every
+        # scene pixel it reads, reflections included.
+        padded = np.pad(split_map, ((before, after), (before, after)), mode="reflect")
+        views = sliding_window_view(padded, (window, window))  # [H, W, w, w]
+        pure = views.min(axis=(2, 3)) == views.max(axis=(2, 3))
+        keep = pure & (labels > 0)
+        if (keep & (split_map == TRAIN)).any() and (keep & (split_map == TEST)).any():
+            return split_map, keep
+    raise DataError(
+        f"{root / LABEL_FILE}: no draw of {n_blocks} blocks of {block_size} px left labelled "
+        f"{window}x{window} windows in both splits; use a smaller window or larger blocks"
+    )
+
+
+def _train_stats(pixels: np.ndarray, band_ids: list[str], path: Path) -> dict[str, dict[str, float]]:
+    """Per-band p1/p99 and mean/std of the clipped, [0, 1]-scaled values of pixels [N, C]."""
+    values = pixels.astype(np.float64)
+    p1, p99 = np.percentile(values, [1, 99], axis=0)  # [C] each
+    flat = np.flatnonzero(p99 <= p1)
+    if flat.size:
+        raise DataError(
+            f"{path}: band {band_ids[flat[0]]} is constant over the training blocks "
+            f"(p1 = p99 = {p1[flat[0]]}); drop it or use another seed or block size"
+        )
+    scaled = (np.clip(values, p1, p99) - p1) / (p99 - p1)
+    mean, std = scaled.mean(axis=0), scaled.std(axis=0)
+    return {
+        band: {"p1": float(p1[c]), "p99": float(p99[c]), "mean": float(mean[c]), "std": float(std[c])}
+        for c, band in enumerate(band_ids)
+    }
+
+
+def _normalise(image: np.ndarray, stats: dict, band_ids: list[str]) -> np.ndarray:
+    """Cube [H, W, C] -> float32 normalised with ``stats`` (clip, scale, z-score)."""
+    p1, p99, mean, std = (
+        np.array([stats[band][key] for band in band_ids]) for key in ("p1", "p99", "mean", "std")
+    )
+    scaled = (np.clip(image.astype(np.float64), p1, p99) - p1) / (p99 - p1)
+    return ((scaled - mean) / std).astype(np.float32)
+
+
+def _stratified_subset(labels: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a seeded subsample of size ``cap`` keeping class proportions."""
+    if cap is None or cap >= len(labels):
+        return np.arange(len(labels))
+    if cap < 1:
+        raise ValueError(f"max_train/max_test must be >= 1, got {cap}")
+    order = rng.permutation(len(labels))
+    # Rank each sample within its class in random order; (rank + 0.5) / class size spreads every
+    # class evenly over [0, 1], so the ``cap`` smallest keys take each class in proportion.
+    key = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = order[labels[order] == label]
+        key[members] = (np.arange(len(members)) + 0.5) / len(members)
+    return np.sort(np.argsort(key, kind="stable")[:cap])

@@ -1,0 +1,59 @@
+"""Frozen feature extraction: one pooled vector per image from a release's encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    images,
+    band_ids: Sequence[str],
+    wavelengths: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    progress: bool = True,
+    desc: str = "features",
+) -> torch.Tensor:
+    """Encode ``images`` in batches and pool each into ``[cls, mean of patch tokens]``.
+
+    The concatenation follows dinov2's linear evaluation: the cls token alone is untrained for
+    objectives without a cls loss (MAE), and the patch mean alone drops what cls did learn.
+
+    Args:
+        encoder: an encoder with ``forward_features(images, band_ids, wavelengths) -> [B, 1+N, D]``;
+            run in eval mode on the device of its parameters.
+        images: array-like [N, C, H, W] float32, already normalised; sliced per batch, so lazy
+            window arrays never materialise whole.
+        band_ids, wavelengths: identity of the C channels (wavelengths [C] nm).
+        batch_size: images per forward pass.
+        progress: show a tqdm bar.
+        desc: label of the progress bar.
+
+    Returns:
+        Features [N, 2 * D] float32 on the CPU.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    wavelengths = torch.as_tensor(wavelengths, dtype=torch.float32, device=device)
+    chunks = []
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+            batch = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
+            tokens = encoder.forward_features(batch.to(device), band_ids, wavelengths)  # [B, 1+N, D]
+            pooled = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)  # [B, 2D]
+            chunks.append(pooled.float().cpu())
+    finally:
+        encoder.train(was_training)
+    if not chunks:
+        raise ValueError("extract_features got no images")
+    return torch.cat(chunks)  # [N, 2D]

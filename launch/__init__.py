@@ -1,0 +1,1 @@
+"""eoforge.launch."""

@@ -1,0 +1,187 @@
+"""The ``eoforge`` command line. Verbs import their implementation lazily, inside functions:
+this is the one place launch/ reaches up into pretrain/ and finetune/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+EXAMPLES = {
+    "data build": """examples:
+  eoforge data build ~/bigearthnet/S2 shards/s2 --sensor S2L2A --tile-size 120
+  eoforge data build ~/enmap shards/enmap --sensor ENMAP --pattern '*SPECTRAL_IMAGE.TIF'
+  eoforge data build ~/landsat shards/l8 --sensor LANDSAT89 --bands B2 B3 B4 B5""",
+    "data stats": "example:\n  eoforge data stats shards/s2      # writes shards/s2/stats.json",
+    "data verify": "example:\n  eoforge data verify shards/s2",
+    "pretrain": """examples:
+  eoforge pretrain                                   # the embedded CPU demo (synthetic S2/S1/EnMAP)
+  eoforge pretrain --config mae data.shards=[shards/s2,shards/s1] run_dir=runs/mae
+  eoforge pretrain --config my_run.yaml steps=2000 engine.zero_stage=3
+Relaunching the same command resumes from the newest checkpoint in run_dir.""",
+    "release build": """examples:
+  eoforge release build runs/demo                   # writes runs/demo/release
+  eoforge release build runs/mae releases/mae-vit-b""",
+    "release verify": "example:\n  eoforge release verify runs/demo/release",
+    "eval linear": """example:
+  eoforge eval linear --release runs/demo/release --dataset indian_pines:../shared/data/indian_pines_aviris seed=1""",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    from eoforge.datasets.errors import DataError
+    from eoforge.launch.config import ConfigError
+    from eoforge.models.release import ReleaseError
+    from eoforge.models.spectral import UnsupportedBandError
+
+    try:
+        return args.run(args) or 0
+    except (DataError, ConfigError, ReleaseError, UnsupportedBandError, FileNotFoundError) as err:
+        print(f"eoforge: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eoforge",
+        description="Pretrain, release and evaluate multi-sensor Earth-observation foundation models.",
+        epilog="Start with `eoforge pretrain` (a CPU demo end to end), then `eoforge <verb> --help`.",
+    )
+    verbs = parser.add_subparsers(title="commands", metavar="{data,pretrain,release,eval}")
+
+    data = _group(verbs, "data", "turn GeoTIFF folders into WebDataset shards; statistics")
+    build = _command(data, "data", "build", "GeoTIFF folder -> WebDataset shards", _data_build)
+    build.add_argument("src", help="folder of GeoTIFFs (searched recursively)")
+    build.add_argument("out", help="shard folder to create")
+    build.add_argument("--sensor", required=True, help="registry sensor, e.g. S2L2A, S2L1C, S1GRD, LANDSAT89, ENMAP")
+    build.add_argument("--bands", nargs="+", help="band names to keep, in file order for multi-band files")
+    build.add_argument("--pattern", help="glob for the files to read, e.g. '*SPECTRAL_IMAGE.TIF'")
+    build.add_argument("--tile-size", type=int, default=128, help="tile side in pixels (default 128)")
+    build.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
+    build.add_argument("--gsd", type=float, help="target ground sampling distance in m (default: finest band)")
+    build.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    stats = _command(data, "data", "stats", "per-band statistics next to the shards", _data_stats)
+    stats.add_argument("shards", help="shard folder")
+    verify = _command(data, "data", "verify", "read every sample back and check it", _data_verify)
+    verify.add_argument("shards", help="shard folder")
+
+    pre = _command(verbs, None, "pretrain", "pretrain (no arguments: the embedded demo)", _pretrain)
+    pre.add_argument("--config", default="demo", help="YAML file or shipped config name (default: demo)")
+    pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.batch_size=16")
+
+    release = _group(verbs, "release", "build and verify releases")
+    rbuild = _command(release, "release", "build", "consolidate a run into a release", _release_build)
+    rbuild.add_argument("run_dir")
+    rbuild.add_argument("out", nargs="?", help="release folder (default: RUN_DIR/release)")
+    rverify = _command(release, "release", "verify", "check a release's files, card and hash", _release_verify)
+    rverify.add_argument("release")
+
+    evaluate = _group(verbs, "eval", "downstream protocols on frozen or finetuned encoders")
+    linear = _command(evaluate, "eval", "linear", "linear probe on frozen features", _eval_linear)
+    linear.add_argument("--release", required=True, help="release folder")
+    linear.add_argument("--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines")
+    linear.add_argument("--out", help="write the result as JSON here")
+    linear.add_argument("options", nargs="*", help="key=value options: seed, window, batch_size, max_train, max_test")
+    return parser
+
+
+def _group(verbs, name: str, help_text: str):
+    parser = verbs.add_parser(name, help=help_text, description=help_text)
+    return parser.add_subparsers(title=f"{name} commands")
+
+
+def _command(group, prefix: str | None, name: str, help_text: str, run):
+    key = f"{prefix} {name}" if prefix else name
+    parser = group.add_parser(
+        name, help=help_text, description=help_text, epilog=EXAMPLES.get(key),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _data_build(args) -> int:
+    from eoforge.datasets.ingest import build_shards
+
+    summary = build_shards(
+        args.src, args.out, args.sensor, bands=args.bands, pattern=args.pattern,
+        tile_size=args.tile_size, shard_size=args.shard_size, gsd=args.gsd, overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"next: eoforge data stats {args.out}")
+    return 0
+
+
+def _data_stats(args) -> int:
+    from eoforge.datasets.stats import compute_stats
+
+    print(f"wrote {compute_stats(args.shards)}")
+    return 0
+
+
+def _data_verify(args) -> int:
+    from eoforge.datasets.ingest import verify_shards
+
+    print(json.dumps(verify_shards(args.shards), indent=2, default=str))
+    return 0
+
+
+def _pretrain(args) -> int:
+    from eoforge.launch.config import load_config
+    from eoforge.pretrain.config import PretrainConfig, find_config
+    from eoforge.pretrain.train import pretrain
+
+    cfg = load_config(PretrainConfig, find_config(args.config), args.overrides)
+    run_dir = pretrain(cfg)
+    release = run_dir / "release"
+    if release.is_dir():
+        print(f"\nrelease: {release}\nnext steps:\n"
+              f"  tensorboard --logdir {run_dir / 'tb'}\n"
+              f"  eoforge eval linear --release {release} --dataset indian_pines:PATH/TO/indian_pines_aviris")
+    return 0
+
+
+def _release_build(args) -> int:
+    from eoforge.pretrain.export import build_release
+
+    print(f"wrote {build_release(args.run_dir, args.out)}")
+    return 0
+
+
+def _release_verify(args) -> int:
+    from eoforge.models.release import verify_release
+
+    card = verify_release(args.release)
+    print(f"{args.release}: ok ({len(card['bands'])} bands, {card['steps']} steps, "
+          f"sha256 {card['weights_sha256'][:12]}...)")
+    return 0
+
+
+def _eval_linear(args) -> int:
+    from eoforge.finetune.evaluate import run_linear
+
+    options = dict(_parse_option(item) for item in args.options)
+    run_linear(args.release, args.dataset, out=args.out, **options)
+    return 0
+
+
+def _parse_option(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"eoforge: error: option {item!r} is not of the form key=value")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Process-group set-up: rank detection from torchrun (or none) and DeepSpeed's init.
+
+Single processes started without a launcher get RANK/WORLD_SIZE/MASTER_* set here, so
+DeepSpeed does not go looking for MPI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Rank, world size, local rank and master address from a torchrun-style environment.
+
+    Without RANK/WORLD_SIZE (a plain single process) this is rank 0 of 1 on localhost.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port())
+
+
+def backend_for_device() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def import_deepspeed():
+    """Import DeepSpeed, telling it to use the CPU accelerator where no GPU is usable.
+
+    CUDA builds of torch on GPU-less machines otherwise leave DeepSpeed guessing.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed(dist_env: DistEnv | None = None) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU)."""
+    deepspeed = import_deepspeed()
+
+    dist_env = dist_env or detect_env()
+    os.environ.update(
+        RANK=str(dist_env.rank),
+        WORLD_SIZE=str(dist_env.world_size),
+        LOCAL_RANK=str(dist_env.local_rank),
+        LOCAL_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(dist_env.world_size)),
+        MASTER_ADDR=dist_env.master_addr,
+        MASTER_PORT=str(dist_env.master_port),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False)
+    return dist_env
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

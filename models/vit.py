@@ -1,0 +1,163 @@
+"""Vision Transformer encoder over spectrum-aware tokens.
+
+Encoder protocol used by every objective:
+  ``tokenize(images, band_ids, wavelengths) -> [B, N, D]`` patch tokens with positions added,
+  ``encode(tokens, keep=None) -> [B, 1 + K, D]`` cls token + the kept tokens through the blocks,
+  ``forward_features(images, band_ids, wavelengths) -> [B, 1 + N, D]`` both, nothing masked.
+Objectives mask between ``tokenize`` and ``encode``. Blocks are timm's pre-norm blocks, whose
+attention runs through ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from eoforge.models.pos_embed import sincos_2d
+from eoforge.models.registry import register_model
+from eoforge.models.spectral import SpectrumAwarePatchEmbed
+
+
+class SpectralViT(nn.Module):
+    """ViT with the spectrum-aware tokenizer (SPECS T1) and fixed 2-D sincos positions.
+
+    Args:
+        patch_size: side of a square patch in pixels.
+        embed_dim, depth, num_heads, mlp_ratio: transformer size.
+        ranges: name of the spectral range table (``"smarties17"``).
+        band_scale: S in SPECS T1, the most bands seen per sample in pretraining.
+        max_gap_nm: farthest a band may lie from a spectral range and still be interpolated.
+        grad_checkpointing: recompute block activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        ranges: str = "smarties17",
+        band_scale: float = 12.0,
+        max_gap_nm: float = 500.0,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = SpectrumAwarePatchEmbed(patch_size, embed_dim, ranges, band_scale, max_gap_nm)
+        self.cls_token = LearnedToken(embed_dim)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm)
+            for _ in range(depth)
+        )
+        self.norm = _layer_norm(embed_dim)
+        self.apply(_init_weights)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (rows, cols) of an image batch; sides must be multiples of the patch."""
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of patch size {self.patch_size}")
+        return h // self.patch_size, w // self.patch_size
+
+    def tokenize(
+        self, images: torch.Tensor, band_ids: Sequence[str], wavelengths: torch.Tensor
+    ) -> torch.Tensor:
+        """images [B, C, H, W] -> patch tokens with positions [B, N, D]."""
+        tokens = self.patch_embed(images, band_ids, wavelengths)
+        pos = sincos_2d(*self.grid(images), self.embed_dim, tokens.device, tokens.dtype)
+        return tokens + pos
+
+    def encode(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, N, D], keep [B, K] indices or None -> features [B, 1 + K, D]."""
+        if keep is not None:
+            tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        x = torch.cat([self.cls_token(tokens), tokens], dim=1)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+    def forward_features(
+        self, images: torch.Tensor, band_ids: Sequence[str], wavelengths: torch.Tensor
+    ) -> torch.Tensor:
+        """images [B, C, H, W] -> features [B, 1 + N, D] (cls first)."""
+        return self.encode(self.tokenize(images, band_ids, wavelengths))
+
+    def forward(self, images, band_ids, wavelengths):
+        return self.forward_features(images, band_ids, wavelengths)
+
+
+class LearnedToken(nn.Module):
+    """A learned [1, 1, D] token (cls, mask) as its own module.
+
+    Under ZeRO-3 a parameter is gathered only inside its owner's forward; objectives call the
+    encoder's methods rather than its forward, so the token owns its forward.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.token, std=0.02)
+
+    def forward(self, like: torch.Tensor, length: int = 1) -> torch.Tensor:
+        """[B, length, D] copies of the token in ``like``'s dtype."""
+        return self.token.to(like.dtype).expand(like.shape[0], length, -1)
+
+
+def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6, **kwargs)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _vit(defaults: dict, kwargs: dict) -> SpectralViT:
+    return SpectralViT(**{**defaults, **kwargs})
+
+
+@register_model
+def vit_test_patch8(**kwargs) -> SpectralViT:
+    """A tiny ViT for tests and the CPU demo (D=64, 2 blocks)."""
+    return _vit(dict(patch_size=8, embed_dim=64, depth=2, num_heads=4), kwargs)
+
+
+@register_model
+def vit_tiny_patch16(**kwargs) -> SpectralViT:
+    return _vit(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model
+def vit_small_patch16(**kwargs) -> SpectralViT:
+    return _vit(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model
+def vit_base_patch16(**kwargs) -> SpectralViT:
+    return _vit(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register_model
+def vit_large_patch16(**kwargs) -> SpectralViT:
+    return _vit(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+@register_model
+def vit_huge_patch14(**kwargs) -> SpectralViT:
+    return _vit(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), kwargs)

@@ -1,0 +1,76 @@
+"""Consolidate a run's newest ZeRO checkpoint into a release folder (models/release.py format)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from eoforge.launch.config import load_config
+from eoforge.launch.distributed import import_deepspeed
+from eoforge.launch.engine import complete_checkpoints
+from eoforge.launch.rundir import RunDir
+from eoforge.models.release import save_release
+from eoforge.pretrain.config import PretrainConfig
+from eoforge.pretrain.data import resolve_shard_dirs
+
+ENCODER_PREFIX = "encoder."
+
+
+def consolidated_encoder_state(checkpoints: Path) -> tuple[dict, int]:
+    """fp32 encoder weights gathered from the newest complete ZeRO 1/2/3 checkpoint, and its step."""
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    found = complete_checkpoints(checkpoints)
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoints}; train first (eoforge pretrain)")
+    newest = found[-1]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=newest.name)
+    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    step = json.loads((newest / "complete.json").read_text())["step"]
+    return encoder, step
+
+
+def band_card(shard_dirs: list[Path]) -> tuple[list[dict], dict, dict, dict]:
+    """Band table, per-band normalisation, GSD per sensor and data summary from shard folders."""
+    bands, normalisation, gsd = {}, {}, {}
+    data = {"shards": [str(d) for d in shard_dirs], "samples": 0, "sensors": {}}
+    for folder in shard_dirs:
+        index = json.loads((folder / "index.json").read_text())
+        stats = json.loads((folder / "stats.json").read_text())
+        data["samples"] += index["samples"]
+        for sensor, count in index["sensors"].items():
+            data["sensors"][sensor] = data["sensors"].get(sensor, 0) + count
+        for row in index["bands"]:
+            bands[row["band_id"]] = row
+            if row.get("gsd"):
+                gsd[row["sensor"]] = min(gsd.get(row["sensor"], row["gsd"]), row["gsd"])
+        for band_id, s in stats["bands"].items():
+            normalisation[band_id] = {
+                "clip_percentiles": stats["clip_percentiles"], "p1": s["p1"], "p99": s["p99"],
+                "mean": s["norm_mean"], "std": s["norm_std"], "raw_mean": s["mean"], "raw_std": s["std"],
+            }
+    return list(bands.values()), normalisation, gsd, data
+
+
+def build_release(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``out`` (default ``<run_dir>/release``) from the run's newest complete checkpoint."""
+    run = RunDir(run_dir)
+    if not (run.path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run.path} is not an eoforge run directory (no config.yaml)")
+    cfg = load_config(PretrainConfig, run.path / "config.yaml")
+    state, step = consolidated_encoder_state(run.checkpoints)
+    bands, normalisation, gsd, data = band_card(resolve_shard_dirs(cfg.data))
+    card = {
+        "name": cfg.release.name or f"{cfg.model.name}-{cfg.objective.name}-{run.path.name}",
+        "licence": cfg.release.licence,
+        "bands": bands,
+        "normalisation": normalisation,
+        "gsd": gsd,
+        "objective": asdict(cfg.objective),
+        "data": data,
+        "steps": step,
+        "run": {"seed": cfg.seed, "global_steps": cfg.steps, "zero_stage": cfg.engine.zero_stage},
+    }
+    return save_release(out or run.release, state, cfg.model.name, cfg.model.kwargs, card)

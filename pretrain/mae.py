@@ -1,0 +1,155 @@
+"""Masked autoencoder with the spectrum-aware tokenizer (SPECS O1 with T1 heads).
+
+Random masking per sample (argsort of noise), the encoder sees the visible tokens only, a
+transformer decoder fills in mask tokens, and band b of every patch is predicted by the
+reconstruction head of its spectral range. The loss is the MSE on masked patches against
+per-patch normalised targets (norm_pix), computed per band over valid pixels and averaged over
+bands, so a 224-band EnMAP tile and a 2-band Sentinel-1 tile weigh the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from eoforge.models.pos_embed import sincos_2d
+from eoforge.models.spectral import SpectralReconstructionHead, patchify, unpatchify
+from eoforge.models.vit import LearnedToken
+
+
+def random_masking(batch: int, length: int, mask_ratio: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by argsort of uniform noise.
+
+    Returns:
+        keep: [B, K] indices of visible tokens (K = round(L * (1 - mask_ratio)), at least 1),
+        mask: [B, L] 1 where the token is masked, 0 where visible.
+    """
+    n_keep = max(1, round(length * (1 - mask_ratio)))
+    noise = torch.rand(batch, length, device=device)  # [B, L]
+    order = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    keep = order[:, :n_keep]  # [B, K]
+    mask = torch.ones(batch, length, device=device)
+    mask.scatter_(1, keep, 0.0)
+    return keep, mask
+
+
+class MAE(nn.Module):
+    """Masked autoencoder objective around a spectrum-aware encoder.
+
+    Args:
+        encoder: a model with the encoder protocol (``tokenize``/``encode``) and ``patch_embed``.
+        mask_ratio: fraction of patches hidden from the encoder.
+        decoder_dim, decoder_depth, decoder_heads: decoder transformer size (512 x 8 x 16 published).
+        norm_pix: normalise each band of each target patch by its own mean and variance.
+    """
+
+    name = "mae"
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix: bool = True,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix = norm_pix
+        self.decoder_dim = decoder_dim
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = LearnedToken(decoder_dim)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.head = SpectralReconstructionHead(encoder.patch_embed, decoder_dim)
+
+    def forward(self, batch: dict, preview: bool = False) -> dict:
+        """Loss over every sensor in a batch -> {"loss", "loss/<sensor>"}.
+
+        With ``preview=True`` returns reconstruction images instead (see ``preview``); going
+        through forward lets ZeRO-3 gather the parameters.
+        """
+        if preview:
+            return self.preview(batch)
+        out, losses = {}, []
+        for sensor, view in _sensor_views(batch):
+            loss, _, _ = self.reconstruct(view)
+            out[f"loss/{sensor}"] = loss.detach()
+            losses.append(loss)
+        out["loss"] = torch.stack(losses).mean()
+        return out
+
+    def reconstruct(self, view: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sensor's view -> (loss, predictions [B, C, N, p*p], mask [B, N])."""
+        images, band_ids, wavelengths = view["image"], view["band_ids"], view["wavelengths"]
+        enc = self.encoder
+        tokens = enc.tokenize(images, band_ids, wavelengths)  # [B, N, D]
+        batch, length, _ = tokens.shape
+        keep, mask = random_masking(batch, length, self.mask_ratio, tokens.device)
+        latent = enc.encode(tokens, keep)  # [B, 1 + K, D]
+        z = self.decode(latent, keep, enc.grid(images))  # [B, N, Dd]
+        pred = self.head(z, band_ids, wavelengths)  # [B, C, N, p*p]
+        loss = self.loss(images, view.get("valid"), pred, mask)
+        return loss, pred, mask
+
+    def decode(self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Encoder output [B, 1 + K, D] -> decoder tokens for all patches [B, N, Dd]."""
+        x = self.decoder_embed(latent)  # [B, 1 + K, Dd]
+        length = grid[0] * grid[1]
+        full = self.mask_token(x, length).clone()  # [B, N, Dd]
+        full.scatter_(1, keep[..., None].expand(-1, -1, x.shape[-1]), x[:, 1:])
+        full = full + sincos_2d(*grid, self.decoder_dim, x.device, x.dtype)
+        x = torch.cat([x[:, :1], full], dim=1)  # [B, 1 + N, Dd]
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_norm(x)[:, 1:]
+
+    def loss(self, images, valid, pred, mask) -> torch.Tensor:
+        """Norm-pix MSE on masked patches, per band over valid pixels, averaged over bands."""
+        p = self.encoder.patch_size
+        target = patchify(images, p).float()  # [B, C, N, p*p]
+        if self.norm_pix:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        weight = mask[:, None, :, None].expand_as(target).float()  # [B, C, N, p*p]
+        if valid is not None:
+            weight = weight * patchify(valid.float(), p)
+        error = (pred.float() - target) ** 2 * weight
+        per_band = error.sum(dim=(0, 2, 3)) / weight.sum(dim=(0, 2, 3)).clamp_min(1.0)  # [C]
+        return per_band.mean()
+
+    @torch.no_grad()
+    def preview(self, batch: dict, max_images: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+        """Images for a reconstruction grid: {sensor: {"input", "masked", "reconstruction",
+        "band_ids", "wavelengths"}}, each image [b, C, H, W] in normalised units."""
+        out = {}
+        p = self.encoder.patch_size
+        for sensor, view in _sensor_views(batch):
+            view = {k: (v[:max_images] if torch.is_tensor(v) else v) for k, v in view.items()}
+            _, pred, mask = self.reconstruct(view)
+            images = view["image"]
+            grid_h = images.shape[-2] // p
+            target = patchify(images, p)
+            mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
+            recon = pred.float() * std + mean if self.norm_pix else pred.float()  # undo norm_pix
+            visible = (1 - mask)[:, None, :, None]
+            out[sensor] = {
+                "input": images,
+                "masked": unpatchify(target * visible, p, grid_h),
+                "reconstruction": unpatchify(recon * mask[:, None, :, None] + target * visible, p, grid_h),
+                "band_ids": view["band_ids"],
+                "wavelengths": view["wavelengths"],
+            }
+        return out
+
+
+def _sensor_views(batch: dict):
+    """The per-sensor entries of a batch (everything except ``meta``)."""
+    return [(k, v) for k, v in batch.items() if k != "meta"]

@@ -1,0 +1,157 @@
+"""The pretraining loop: distributed init -> components -> resume -> steps -> checkpoints -> release.
+
+The loop knows the engine and objective protocols only; it never names DeepSpeed or MAE.
+Resume is the default: relaunching the same command continues from the newest complete
+checkpoint in the run directory, with the data stream fast-forwarded to the same position.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eoforge.launch.config import save_config
+from eoforge.launch.distributed import barrier, detect_env, init_distributed
+from eoforge.launch.engine import DeepSpeedEngine
+from eoforge.launch.logging import TensorBoard, get_logger, reconstruction_grid
+from eoforge.launch.rundir import RunDir
+from eoforge.models import create_model
+from eoforge.pretrain.config import PretrainConfig
+from eoforge.pretrain.data import build_stream, prepare_shards
+from eoforge.pretrain.objectives import build_objective
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup then half-cosine decay to ``floor``: a pure function of the step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Independent, reproducible seed per (run seed, step, rank): resume replays the same masks."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class StopRequest:
+    """Turns SIGUSR1/SIGTERM into a flag the loop checks after each step (save, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run (or resume) pretraining as configured; returns the run directory."""
+    dist_env = detect_env()
+    cfg.validate(dist_env.world_size)
+    run = RunDir(cfg.run_dir)
+    log = get_logger(None, dist_env.rank)
+    if run.finished and not cfg.new_run:
+        log.info(f"run {run.path} is already finished; pass new_run=true to start it afresh")
+        return run.path
+    dist_env = init_distributed(dist_env)
+    if dist_env.is_main:
+        if cfg.new_run and run.path.exists():
+            _clear(run)
+        run.create()
+        save_config(cfg, run.path / "config.yaml")
+        run.write_env(dist_env.world_size)
+    barrier()
+    log = get_logger(run.logs, dist_env.rank)
+
+    shard_dirs = prepare_shards(cfg.data, is_main=dist_env.is_main)
+    barrier()
+    stream = build_stream(cfg.data, shard_dirs, seed=cfg.seed)
+    encoder = create_model(cfg.model.name, **cfg.model.kwargs)
+    objective = build_objective(cfg.objective, encoder)
+    global_batch = cfg.data.batch_size * dist_env.world_size
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
+    engine = DeepSpeedEngine(
+        objective, micro_batch=cfg.data.batch_size, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
+        betas=cfg.optim.betas, zero_stage=cfg.engine.zero_stage, precision=cfg.engine.precision,
+        grad_clip=cfg.engine.grad_clip,
+    )
+    state = engine.load(run.checkpoints) or {}
+    step = int(state.get("step", 0))
+    log.info(
+        f"{'resuming at step ' + str(step) if step else 'starting'}: {cfg.model.name} + "
+        f"{cfg.objective.name}, ZeRO-{cfg.engine.zero_stage} {engine.precision}, world size "
+        f"{dist_env.world_size}, global batch {global_batch}, peak lr {peak_lr:.2e}"
+    )
+    tb = TensorBoard(run.tensorboard, enabled=dist_env.is_main, purge_step=step or None)
+    batches = stream.iter_batches(skip_batches=step)
+    window_start, window_steps = time.perf_counter(), 0
+
+    with StopRequest() as stop:
+        while step < cfg.steps:
+            batch = next(batches)
+            torch.manual_seed(step_seed(cfg.seed, step, dist_env.rank))
+            lr = lr_at(step, peak_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr)
+            engine.set_lr(lr)
+            losses = engine(batch)
+            engine.backward_step(losses["loss"])
+            step += 1
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                values = {k: float(v) for k, v in losses.items()}  # host sync: logging steps only
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(f"loss is {values['loss']} at step {step}; see {run.logs}")
+                elapsed = time.perf_counter() - window_start
+                values.update(lr=lr, grad_norm=engine.grad_norm(),
+                              samples_per_s=window_steps * global_batch / elapsed)
+                tb.scalars(step, values)
+                log.info(f"step {step}/{cfg.steps} loss {values['loss']:.4f} lr {lr:.2e} "
+                         f"{values['samples_per_s']:.1f} samples/s")
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.image_every == 0 or step == cfg.steps:
+                for sensor, images in engine.preview(batch).items():
+                    tb.image(step, f"reconstruction/{sensor}", reconstruction_grid(images))
+
+            stopping = stop.requested or step == cfg.stop_at
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                engine.save(run.checkpoints, step, {"step": step, "data": {"batches": step}},
+                            cfg.keep_last)
+                log.info(f"saved checkpoint at step {step} in {run.checkpoints}")
+            if stopping:
+                log.info(f"stopping at step {step} (signal or stop_at); relaunch to resume")
+                tb.close()
+                return run.path
+    tb.close()
+    barrier()
+    if dist_env.is_main:
+        run.mark_finished(step)
+        if cfg.release.export:
+            from eoforge.pretrain.export import build_release
+
+            out = build_release(run.path)
+            log.info(f"release written to {out}")
+    barrier()
+    return run.path
+
+
+def _clear(run: RunDir) -> None:
+    import shutil
+
+    for folder in (run.checkpoints, run.tensorboard, run.logs, run.release):
+        shutil.rmtree(folder, ignore_errors=True)
+    run.finished_marker.unlink(missing_ok=True)
