@@ -11,7 +11,9 @@ Band order: the file's 200 bands in file order are the registry bands ``AVIRIS:B
 
 Split rule: the scene is cut into square blocks of ``block_size`` pixels (the last row and column
 of blocks absorb the remainder), and a seeded rng assigns ``train_fraction`` of the blocks to
-train and the rest to test, redrawing until both splits keep labelled pixels. Every labelled
+train and the rest to test. Of ``SPLIT_DRAWS`` such draws, the one whose kept train and test
+pixels have the most similar class mix (least total variation distance) is used, and both splits
+always keep labelled pixels; the draw looks at labels only, never at the image. Every labelled
 pixel becomes one sample: the ``window`` x ``window`` neighbourhood around it (rows
 ``r - window // 2 .. r + (window - 1) // 2``, likewise columns; reflect-padded at the scene
 border). A pixel is kept only when every scene pixel its window reads lies in a block of its own
@@ -37,12 +39,25 @@ IMAGE_FILE = "Indian_pines_corrected.npy"
 LABEL_FILE = "Indian_pines_gt.npy"
 SENSOR = "AVIRIS"
 CLASS_NAMES = (
-    "Alfalfa", "Corn-notill", "Corn-mintill", "Corn", "Grass-pasture", "Grass-trees",
-    "Grass-pasture-mowed", "Hay-windrowed", "Oats", "Soybean-notill", "Soybean-mintill",
-    "Soybean-clean", "Wheat", "Woods", "Buildings-Grass-Trees-Drives", "Stone-Steel-Towers",
+    "Alfalfa",
+    "Corn-notill",
+    "Corn-mintill",
+    "Corn",
+    "Grass-pasture",
+    "Grass-trees",
+    "Grass-pasture-mowed",
+    "Hay-windrowed",
+    "Oats",
+    "Soybean-notill",
+    "Soybean-mintill",
+    "Soybean-clean",
+    "Wheat",
+    "Woods",
+    "Buildings-Grass-Trees-Drives",
+    "Stone-Steel-Towers",
 )
 TRAIN, TEST = 0, 1
-MAX_SPLIT_DRAWS = 100
+SPLIT_DRAWS = 64
 
 
 class Windows:
@@ -147,17 +162,23 @@ def load_indian_pines(
         )
     image, labels = _read(Path(root))
     sensor = get_sensor(SENSOR)
-    rng = np.random.default_rng(seed)
-    split_map, keep = _blocked_split(labels, window, block_size, train_fraction, rng, Path(root))
+    split_map, keep = _blocked_split(
+        labels, window, block_size, train_fraction, np.random.default_rng(seed), Path(root)
+    )
     band_ids = [band.band_id for band in sensor.bands]
     stats = _train_stats(image[split_map == TRAIN], band_ids, Path(root) / IMAGE_FILE)
     before, after = window // 2, window - 1 - window // 2
-    padded = np.pad(_normalise(image, stats, band_ids), ((before, after), (before, after), (0, 0)),
-                    mode="reflect")  # [H + w - 1, W + w - 1, C]
+    padded = np.pad(
+        _normalise(image, stats, band_ids),
+        ((before, after), (before, after), (0, 0)),
+        mode="reflect",
+    )  # [H + w - 1, W + w - 1, C]
     pixels = {}
     for split, cap in ((TRAIN, max_train), (TEST, max_test)):
         coords = np.argwhere(keep & (split_map == split))  # [N, 2] in scene (row-major) order
-        pixels[split] = coords[_stratified_subset(labels[coords[:, 0], coords[:, 1]], cap, rng)]
+        # One rng per split, so capping train never changes which test samples are kept.
+        subset_rng = np.random.default_rng((seed, 1 + split))
+        pixels[split] = coords[_stratified_subset(labels[tuple(coords.T)], cap, subset_rng)]
     y = {s: labels[p[:, 0], p[:, 1]].astype(np.int64) - 1 for s, p in pixels.items()}
     return PixelSplit(
         x_train=Windows(padded, pixels[TRAIN], window),
@@ -224,34 +245,64 @@ def _blocked_split(
     rng: np.random.Generator,
     root: Path,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Block assignment [H, W] int8 and the mask [H, W] of labelled pixels whose window stays
-    inside blocks of their own split."""
+    """Block assignment [H, W] int8 (the best of ``SPLIT_DRAWS`` draws) and the mask [H, W] of
+    labelled pixels whose window stays inside blocks of their own split."""
     height, width = labels.shape
     grid = max(1, height // block_size), max(1, width // block_size)
     block_rows = np.minimum(np.arange(height) // block_size, grid[0] - 1)
     block_cols = np.minimum(np.arange(width) // block_size, grid[1] - 1)
     n_blocks = grid[0] * grid[1]
     n_train = min(max(round(train_fraction * n_blocks), 1), n_blocks - 1)
-    before, after = window // 2, window - 1 - window // 2
-    for _ in range(MAX_SPLIT_DRAWS):
+    best, best_distance = None, np.inf
+    for _ in range(SPLIT_DRAWS):
         assign = np.full(n_blocks, TEST, dtype=np.int8)
         assign[rng.permutation(n_blocks)[:n_train]] = TRAIN
         split_map = assign.reshape(grid)[block_rows[:, None], block_cols[None, :]]  # [H, W]
-        # Pad the split map exactly like the cube, so a window's cells name the split of every
-        # scene pixel it reads, reflections included.
-        padded = np.pad(split_map, ((before, after), (before, after)), mode="reflect")
-        views = sliding_window_view(padded, (window, window))  # [H, W, w, w]
-        pure = views.min(axis=(2, 3)) == views.max(axis=(2, 3))
-        keep = pure & (labels > 0)
-        if (keep & (split_map == TRAIN)).any() and (keep & (split_map == TEST)).any():
-            return split_map, keep
-    raise DataError(
-        f"{root / LABEL_FILE}: no draw of {n_blocks} blocks of {block_size} px left labelled "
-        f"{window}x{window} windows in both splits; use a smaller window or larger blocks"
-    )
+        keep = _pure_windows(split_map, window) & (labels > 0)
+        train, test = labels[keep & (split_map == TRAIN)], labels[keep & (split_map == TEST)]
+        if not (train.size and test.size):
+            continue
+        # Fields of one class are few and large, so a plain random draw often leaves a class on
+        # one side only; keep the draw whose class mixes differ least (total variation).
+        distance = 0.5 * np.abs(_class_shares(train) - _class_shares(test)).sum()
+        if distance < best_distance:
+            best, best_distance = (split_map, keep), distance
+    if best is None:
+        raise DataError(
+            f"{root / LABEL_FILE}: no draw of {n_blocks} blocks of {block_size} px left labelled "
+            f"{window}x{window} windows in both splits; use a smaller window or larger blocks"
+        )
+    return best
 
 
-def _train_stats(pixels: np.ndarray, band_ids: list[str], path: Path) -> dict[str, dict[str, float]]:
+def _pure_windows(split_map: np.ndarray, window: int) -> np.ndarray:
+    """[H, W] bool: the window around the pixel reads only pixels of one split.
+
+    The split map is padded exactly like the cube, so the window's cells name the split of
+    every scene pixel it reads, reflections included; an integral image counts the train cells.
+    """
+    before, after = window // 2, window - 1 - window // 2
+    padded = np.pad(
+        (split_map == TRAIN).astype(np.int32), ((before, after), (before, after)), mode="reflect"
+    )  # [H + w - 1, W + w - 1]
+    integral = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    n_train = (
+        integral[window:, window:]
+        - integral[:-window, window:]
+        - integral[window:, :-window]
+        + integral[:-window, :-window]
+    )  # [H, W]
+    return (n_train == 0) | (n_train == window * window)
+
+
+def _class_shares(labels: np.ndarray) -> np.ndarray:
+    """Share of each label 0..len(CLASS_NAMES) among ``labels``."""
+    return np.bincount(labels, minlength=len(CLASS_NAMES) + 1) / labels.size
+
+
+def _train_stats(
+    pixels: np.ndarray, band_ids: list[str], path: Path
+) -> dict[str, dict[str, float]]:
     """Per-band p1/p99 and mean/std of the clipped, [0, 1]-scaled values of pixels [N, C]."""
     values = pixels.astype(np.float64)
     p1, p99 = np.percentile(values, [1, 99], axis=0)  # [C] each
@@ -264,7 +315,12 @@ def _train_stats(pixels: np.ndarray, band_ids: list[str], path: Path) -> dict[st
     scaled = (np.clip(values, p1, p99) - p1) / (p99 - p1)
     mean, std = scaled.mean(axis=0), scaled.std(axis=0)
     return {
-        band: {"p1": float(p1[c]), "p99": float(p99[c]), "mean": float(mean[c]), "std": float(std[c])}
+        band: {
+            "p1": float(p1[c]),
+            "p99": float(p99[c]),
+            "mean": float(mean[c]),
+            "std": float(std[c]),
+        }
         for c, band in enumerate(band_ids)
     }
 

@@ -134,26 +134,37 @@ class Sensor:
 def _summarise(names: Sequence[str], limit: int = 16) -> str:
     if len(names) <= limit:
         return ", ".join(names)
-    return f"{', '.join(names[:limit // 2])}, ..., {', '.join(names[-limit // 2:])} ({len(names)} bands)"
+    return f"{', '.join(names[: limit // 2])}, ..., {', '.join(names[-limit // 2 :])} ({len(names)} bands)"
 
 
 def _sentinel2(level: str) -> Sensor:
     # Sentinel-2A MSI spectral response (ESA, S2-SRF COPE-GSEG-EOPG-TN-15-0007 v3.2): centre, FWHM, GSD.
     table = [
-        ("B01", 442.7, 21.0, 60.0), ("B02", 492.4, 66.0, 10.0), ("B03", 559.8, 36.0, 10.0),
-        ("B04", 664.6, 31.0, 10.0), ("B05", 704.1, 15.0, 20.0), ("B06", 740.5, 15.0, 20.0),
-        ("B07", 782.8, 20.0, 20.0), ("B08", 832.8, 106.0, 10.0), ("B8A", 864.7, 21.0, 20.0),
-        ("B09", 945.1, 20.0, 60.0), ("B10", 1373.5, 31.0, 60.0), ("B11", 1613.7, 91.0, 20.0),
+        ("B01", 442.7, 21.0, 60.0),
+        ("B02", 492.4, 66.0, 10.0),
+        ("B03", 559.8, 36.0, 10.0),
+        ("B04", 664.6, 31.0, 10.0),
+        ("B05", 704.1, 15.0, 20.0),
+        ("B06", 740.5, 15.0, 20.0),
+        ("B07", 782.8, 20.0, 20.0),
+        ("B08", 832.8, 106.0, 10.0),
+        ("B8A", 864.7, 21.0, 20.0),
+        ("B09", 945.1, 20.0, 60.0),
+        ("B10", 1373.5, 31.0, 60.0),
+        ("B11", 1613.7, 91.0, 20.0),
         ("B12", 2202.4, 175.0, 20.0),
     ]
     if level == "L2A":  # the cirrus band carries no surface signal and is not in L2A products
         table = [row for row in table if row[0] != "B10"]
     name = f"S2{level}"
-    bands = tuple(
-        Band(n, name, wl, bw, gsd, aliases=_s2_aliases(n)) for n, wl, bw, gsd in table
-    )
+    bands = tuple(Band(n, name, wl, bw, gsd, aliases=_s2_aliases(n)) for n, wl, bw, gsd in table)
     return Sensor(
-        name=name, family="optical", bands=bands, scale=1e-4, units="reflectance", nodata=0,
+        name=name,
+        family="optical",
+        bands=bands,
+        scale=1e-4,
+        units="reflectance",
+        nodata=0,
         aliases=(f"sentinel2_{level.lower()}", f"sentinel-2-{level.lower()}", f"MSI{level}"),
         source="ESA Sentinel-2A spectral response functions, COPE-GSEG-EOPG-TN-15-0007 v3.2",
     )
@@ -169,12 +180,25 @@ def _sentinel1() -> Sensor:
     freq = 5.405
     wavelength_nm = SPEED_OF_LIGHT_M_S / (freq * 1e9) * 1e9
     bands = tuple(
-        Band(pol, "S1GRD", wavelength_nm, 0.0, 10.0, kind="sar", polarisation=pol,
-             frequency_ghz=freq, aliases=(pol.lower(),))
+        Band(
+            pol,
+            "S1GRD",
+            wavelength_nm,
+            0.0,
+            10.0,
+            kind="sar",
+            polarisation=pol,
+            frequency_ghz=freq,
+            aliases=(pol.lower(),),
+        )
         for pol in ("VV", "VH", "HH", "HV")
     )
     return Sensor(
-        name="S1GRD", family="sar", bands=bands, units="dB (sigma0)", nodata=None,
+        name="S1GRD",
+        family="sar",
+        bands=bands,
+        units="dB (sigma0)",
+        nodata=None,
         aliases=("sentinel1", "sentinel-1-grd", "S1"),
         source="ESA Sentinel-1 SAR user guide: C band, 5.405 GHz, IW GRDH 10 m pixels",
     )
@@ -183,11 +207,16 @@ def _sentinel1() -> Sensor:
 def _landsat89() -> Sensor:
     # OLI/TIRS band passes (USGS Landsat 8-9 Data Users Handbook v1.0, table 2-1): centre, FWHM, GSD.
     table = [
-        ("B1", 443.0, 16.0, 30.0, "optical"), ("B2", 482.0, 60.0, 30.0, "optical"),
-        ("B3", 561.4, 57.0, 30.0, "optical"), ("B4", 654.6, 37.0, 30.0, "optical"),
-        ("B5", 864.7, 28.0, 30.0, "optical"), ("B6", 1608.9, 85.0, 30.0, "optical"),
-        ("B7", 2200.7, 187.0, 30.0, "optical"), ("B8", 589.5, 173.0, 15.0, "optical"),
-        ("B9", 1373.4, 21.0, 30.0, "optical"), ("B10", 10895.0, 590.0, 100.0, "thermal"),
+        ("B1", 443.0, 16.0, 30.0, "optical"),
+        ("B2", 482.0, 60.0, 30.0, "optical"),
+        ("B3", 561.4, 57.0, 30.0, "optical"),
+        ("B4", 654.6, 37.0, 30.0, "optical"),
+        ("B5", 864.7, 28.0, 30.0, "optical"),
+        ("B6", 1608.9, 85.0, 30.0, "optical"),
+        ("B7", 2200.7, 187.0, 30.0, "optical"),
+        ("B8", 589.5, 173.0, 15.0, "optical"),
+        ("B9", 1373.4, 21.0, 30.0, "optical"),
+        ("B10", 10895.0, 590.0, 100.0, "thermal"),
         ("B11", 12005.0, 1010.0, 100.0, "thermal"),
     ]
     bands = tuple(
@@ -195,7 +224,11 @@ def _landsat89() -> Sensor:
         for n, wl, bw, gsd, kind in table
     )
     return Sensor(
-        name="LANDSAT89", family="optical", bands=bands, units="DN (Level-1)", nodata=0,
+        name="LANDSAT89",
+        family="optical",
+        bands=bands,
+        units="DN (Level-1)",
+        nodata=0,
         aux=("BQA", "QA_PIXEL", "QA_RADSAT", "SAA", "SZA", "VAA", "VZA"),
         aliases=("landsat8", "landsat9", "L8", "L9", "LC08", "LC09", "OLI_TIRS"),
         source="USGS Landsat 8-9 OLI/TIRS Collection 2 Data Users Handbook, table 2-1",
@@ -211,8 +244,13 @@ def _numbered(sensor: str, rows: Sequence[tuple[float, float]], gsd: float) -> t
 
 def _enmap() -> Sensor:
     return Sensor(
-        name="ENMAP", family="hyperspectral", bands=_numbered("ENMAP", ENMAP_BANDS, 30.0),
-        scale=1e-4, units="reflectance", nodata=-32768, aux=("QL_",),
+        name="ENMAP",
+        family="hyperspectral",
+        bands=_numbered("ENMAP", ENMAP_BANDS, 30.0),
+        scale=1e-4,
+        units="reflectance",
+        nodata=-32768,
+        aux=("QL_",),
         aliases=("enmap_l2a", "EnMAP-HSI"),
         source="EnMAP HSI spectral characterisation (see eoforge.datasets.spectral_tables)",
     )
@@ -221,8 +259,12 @@ def _enmap() -> Sensor:
 def _aviris_indian_pines() -> Sensor:
     rows = [(wl, AVIRIS_FWHM_NM) for wl in AVIRIS_INDIAN_PINES_WAVELENGTHS]
     return Sensor(
-        name="AVIRIS", family="hyperspectral", bands=_numbered("AVIRIS", rows, 20.0),
-        units="DN", nodata=None, aliases=("aviris_indian_pines", "indian_pines"),
+        name="AVIRIS",
+        family="hyperspectral",
+        bands=_numbered("AVIRIS", rows, 20.0),
+        units="DN",
+        nodata=None,
+        aliases=("aviris_indian_pines", "indian_pines"),
         source="AVIRIS Indian Pines corrected cube, 200 bands (see eoforge.datasets.spectral_tables)",
     )
 
@@ -234,7 +276,11 @@ def _rgb() -> Sensor:
         Band("B", "RGB", 490.0, 60.0, None, aliases=("blue",)),
     )
     return Sensor(
-        name="RGB", family="optical", bands=bands, units="DN", nodata=None,
+        name="RGB",
+        family="optical",
+        bands=bands,
+        units="DN",
+        nodata=None,
         aliases=("rgb", "truecolour", "truecolor"),
         source="generic camera: Sentinel-2-like centres (B04/B03/B02), 60 nm passbands",
     )
@@ -242,8 +288,13 @@ def _rgb() -> Sensor:
 
 def _build_registry() -> dict[str, Sensor]:
     sensors = [
-        _sentinel2("L1C"), _sentinel2("L2A"), _sentinel1(), _landsat89(), _enmap(),
-        _aviris_indian_pines(), _rgb(),
+        _sentinel2("L1C"),
+        _sentinel2("L2A"),
+        _sentinel1(),
+        _landsat89(),
+        _enmap(),
+        _aviris_indian_pines(),
+        _rgb(),
     ]
     return {s.name: s for s in sensors}
 

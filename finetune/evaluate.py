@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 import torch
 
+from eoforge.datasets.errors import DataError
 from eoforge.datasets.indian_pines import load_indian_pines
 from eoforge.finetune.features import extract_features
 from eoforge.finetune.linear import linear_probe
@@ -26,11 +27,11 @@ def parse_dataset(dataset: str) -> tuple[Callable, str, str]:
     """``"NAME:ROOT"`` -> (adapter, name, root); names the known datasets when it cannot."""
     name, sep, root = dataset.partition(":")
     if name not in DATASETS:
-        raise ValueError(
+        raise DataError(
             f"unknown dataset {name!r} in {dataset!r}; known datasets: {', '.join(sorted(DATASETS))}"
         )
     if not sep or not root:
-        raise ValueError(f"dataset {dataset!r} names no folder; write it as '{name}:/path/to/data'")
+        raise DataError(f"dataset {dataset!r} names no folder; write it as '{name}:/path/to/data'")
     return DATASETS[name], name, root
 
 
@@ -63,9 +64,9 @@ def run_linear(
         out: if given, the result is also written there as JSON.
 
     Returns:
-        {protocol, dataset, release, accuracy, majority_baseline, best_lr, best_weight_decay,
-        val_accuracy, per_class_accuracy, n_train, n_test, n_classes, seed, split_hash,
-        band_policy, normalisation, window, features}.
+        {protocol, dataset, release, accuracy, majority_baseline, test_majority_share, best_lr,
+        best_weight_decay, val_accuracy, per_class_accuracy, n_train, n_test, n_classes, seed,
+        split_hash, band_policy, normalisation, window, features}.
     """
     adapter, name, root = parse_dataset(dataset)
     data = adapter(root, seed=seed, window=window, max_train=max_train, max_test=max_test)
@@ -76,21 +77,30 @@ def run_linear(
     loaded = load_release(release, bands=bands)
     patch = loaded.encoder.patch_size
     if window % patch:
-        raise ValueError(
+        raise DataError(
             f"window {window} is not a multiple of the patch size {patch} of release {release}; "
             f"pick window={max(patch, window // patch * patch)} or another multiple of {patch}"
         )
     features = {
         split: extract_features(
-            loaded.encoder, x, loaded.band_ids, loaded.wavelengths,
-            batch_size=batch_size, progress=progress, desc=f"{name} {split} features",
+            loaded.encoder,
+            x,
+            loaded.band_ids,
+            loaded.wavelengths,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"{name} {split} features",
         )
         for split, x in (("train", data.x_train), ("test", data.x_test))
     }
     probe = linear_probe(
-        features["train"], torch.from_numpy(data.y_train),
-        features["test"], torch.from_numpy(data.y_test),
-        n_classes=len(data.class_names), seed=seed, progress=progress,
+        features["train"],
+        torch.from_numpy(data.y_train),
+        features["test"],
+        torch.from_numpy(data.y_test),
+        n_classes=len(data.class_names),
+        seed=seed,
+        progress=progress,
     )
     seen = {band["band_id"] for band in loaded.card["bands"]}
     unseen = sum(band_id not in seen for band_id in data.band_ids)
@@ -100,6 +110,7 @@ def run_linear(
         "release": str(release),
         "accuracy": probe.accuracy,
         "majority_baseline": probe.majority_baseline,
+        "test_majority_share": probe.test_majority_share,
         "best_lr": probe.best_lr,
         "best_weight_decay": probe.best_weight_decay,
         "val_accuracy": probe.val_accuracy,
@@ -112,7 +123,8 @@ def run_linear(
         "seed": seed,
         "split_hash": data.split_hash,
         "band_policy": (
-            f"interpolated: {unseen} unseen bands of {len(data.band_ids)}" if unseen
+            f"interpolated: {unseen} unseen bands of {len(data.band_ids)}"
+            if unseen
             else f"native: all {len(data.band_ids)} bands seen in pretraining"
         ),
         "normalisation": "train-split statistics (clip p1/p99, scale to [0, 1], z-score)",

@@ -48,8 +48,9 @@ def extract_features(
     chunks = []
     try:
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
-            batch = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
-            tokens = encoder.forward_features(batch.to(device), band_ids, wavelengths)  # [B, 1+N, D]
+            batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
+            batch = torch.from_numpy(batch).to(device)  # [B, C, H, W]
+            tokens = encoder.forward_features(batch, band_ids, wavelengths)  # [B, 1+N, D]
             pooled = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)  # [B, 2D]
             chunks.append(pooled.float().cpu())
     finally:

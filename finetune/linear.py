@@ -53,7 +53,11 @@ class ProbeResult:
     Attributes:
         accuracy: test accuracy of the selected head.
         per_class_accuracy: {class index: test accuracy} for the classes present in the test set.
-        majority_baseline: test accuracy of always predicting the most frequent TRAIN class.
+        majority_baseline: test accuracy of always predicting the most frequent TRAIN class
+            (a majority classifier fitted like the heads, without test labels).
+        test_majority_share: share of the test set's most frequent class; no constant
+            prediction scores higher, so it is the stricter floor where the class mix shifts
+            between splits (spatially blocked ones).
         best_lr, best_weight_decay: hyperparameters of the selected head.
         best_head: index of the selected head in ``grid``.
         val_accuracy: held-out accuracy of the selected head.
@@ -64,6 +68,7 @@ class ProbeResult:
     accuracy: float
     per_class_accuracy: dict[int, float]
     majority_baseline: float
+    test_majority_share: float
     best_lr: float
     best_weight_decay: float
     best_head: int
@@ -105,6 +110,8 @@ def train_head_grid(
     """
     if len(lrs) != len(weight_decays):
         raise ValueError(f"got {len(lrs)} learning rates but {len(weight_decays)} weight decays")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     n = len(features)
     if n < 2:
         raise ValueError(f"a linear probe needs at least 2 training samples, got {n}")
@@ -167,6 +174,7 @@ def linear_probe(
     Returns:
         The selected head's test metrics and the whole grid's validation scores.
     """
+    train_features, test_features = train_features.float(), test_features.float()
     train_labels, test_labels = train_labels.long(), test_labels.long()
     if n_classes is None:
         n_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -174,9 +182,15 @@ def linear_probe(
     fit, val = stratified_holdout(train_labels, val_fraction, generator)
     pairs = [(lr, wd) for lr in lrs for wd in weight_decays]
     grid = train_head_grid(
-        train_features[fit], train_labels[fit], n_classes,
-        [lr for lr, _ in pairs], [wd for _, wd in pairs],
-        epochs=epochs, batch_size=batch_size, generator=generator, progress=progress,
+        train_features[fit],
+        train_labels[fit],
+        n_classes,
+        [lr for lr, _ in pairs],
+        [wd for _, wd in pairs],
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=generator,
+        progress=progress,
     )
     with torch.no_grad():
         val_logits = grid(train_features[val])  # [H, V, K]
@@ -193,13 +207,19 @@ def linear_probe(
         per_class_accuracy={
             int(c): correct[test_labels == c].float().mean().item() for c in test_labels.unique()
         },
-        majority_baseline=(test_labels == majority).float().mean().item(),
+        majority_baseline=(test_labels == majority).sum().item() / len(test_labels),
+        test_majority_share=torch.bincount(test_labels).max().item() / len(test_labels),
         best_lr=pairs[best][0],
         best_weight_decay=pairs[best][1],
         best_head=best,
         val_accuracy=val_acc[best].item(),
         grid=[
-            {"lr": lr, "weight_decay": wd, "val_accuracy": val_acc[h].item(), "val_loss": val_loss[h].item()}
+            {
+                "lr": lr,
+                "weight_decay": wd,
+                "val_accuracy": val_acc[h].item(),
+                "val_loss": val_loss[h].item(),
+            }
             for h, (lr, wd) in enumerate(pairs)
         ],
         n_fit=len(fit),

@@ -59,12 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     build = _command(data, "data", "build", "GeoTIFF folder -> WebDataset shards", _data_build)
     build.add_argument("src", help="folder of GeoTIFFs (searched recursively)")
     build.add_argument("out", help="shard folder to create")
-    build.add_argument("--sensor", required=True, help="registry sensor, e.g. S2L2A, S2L1C, S1GRD, LANDSAT89, ENMAP")
-    build.add_argument("--bands", nargs="+", help="band names to keep, in file order for multi-band files")
+    build.add_argument(
+        "--sensor",
+        required=True,
+        help="registry sensor, e.g. S2L2A, S2L1C, S1GRD, LANDSAT89, ENMAP",
+    )
+    build.add_argument(
+        "--bands", nargs="+", help="band names to keep, in file order for multi-band files"
+    )
     build.add_argument("--pattern", help="glob for the files to read, e.g. '*SPECTRAL_IMAGE.TIF'")
-    build.add_argument("--tile-size", type=int, default=128, help="tile side in pixels (default 128)")
-    build.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
-    build.add_argument("--gsd", type=float, help="target ground sampling distance in m (default: finest band)")
+    build.add_argument(
+        "--tile-size", type=int, default=128, help="tile side in pixels (default 128)"
+    )
+    build.add_argument(
+        "--shard-size", type=int, default=256, help="samples per shard (default 256)"
+    )
+    build.add_argument(
+        "--gsd", type=float, help="target ground sampling distance in m (default: finest band)"
+    )
     build.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     stats = _command(data, "data", "stats", "per-band statistics next to the shards", _data_stats)
     stats.add_argument("shards", help="shard folder")
@@ -72,22 +84,36 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("shards", help="shard folder")
 
     pre = _command(verbs, None, "pretrain", "pretrain (no arguments: the embedded demo)", _pretrain)
-    pre.add_argument("--config", default="demo", help="YAML file or shipped config name (default: demo)")
-    pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.batch_size=16")
+    pre.add_argument(
+        "--config", default="demo", help="YAML file or shipped config name (default: demo)"
+    )
+    pre.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.batch_size=16"
+    )
 
     release = _group(verbs, "release", "build and verify releases")
-    rbuild = _command(release, "release", "build", "consolidate a run into a release", _release_build)
+    rbuild = _command(
+        release, "release", "build", "consolidate a run into a release", _release_build
+    )
     rbuild.add_argument("run_dir")
     rbuild.add_argument("out", nargs="?", help="release folder (default: RUN_DIR/release)")
-    rverify = _command(release, "release", "verify", "check a release's files, card and hash", _release_verify)
+    rverify = _command(
+        release, "release", "verify", "check a release's files, card and hash", _release_verify
+    )
     rverify.add_argument("release")
 
     evaluate = _group(verbs, "eval", "downstream protocols on frozen or finetuned encoders")
     linear = _command(evaluate, "eval", "linear", "linear probe on frozen features", _eval_linear)
     linear.add_argument("--release", required=True, help="release folder")
-    linear.add_argument("--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines")
+    linear.add_argument(
+        "--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines"
+    )
     linear.add_argument("--out", help="write the result as JSON here")
-    linear.add_argument("options", nargs="*", help="key=value options: seed, window, batch_size, max_train, max_test")
+    linear.add_argument(
+        "options",
+        nargs="*",
+        help="key=value options: seed, window, batch_size, max_train, max_test",
+    )
     return parser
 
 
@@ -99,7 +125,10 @@ def _group(verbs, name: str, help_text: str):
 def _command(group, prefix: str | None, name: str, help_text: str, run):
     key = f"{prefix} {name}" if prefix else name
     parser = group.add_parser(
-        name, help=help_text, description=help_text, epilog=EXAMPLES.get(key),
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=EXAMPLES.get(key),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run)
@@ -110,8 +139,15 @@ def _data_build(args) -> int:
     from eoforge.datasets.ingest import build_shards
 
     summary = build_shards(
-        args.src, args.out, args.sensor, bands=args.bands, pattern=args.pattern,
-        tile_size=args.tile_size, shard_size=args.shard_size, gsd=args.gsd, overwrite=args.overwrite,
+        args.src,
+        args.out,
+        args.sensor,
+        bands=args.bands,
+        pattern=args.pattern,
+        tile_size=args.tile_size,
+        shard_size=args.shard_size,
+        gsd=args.gsd,
+        overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2, default=str))
     print(f"next: eoforge data stats {args.out}")
@@ -141,9 +177,11 @@ def _pretrain(args) -> int:
     run_dir = pretrain(cfg)
     release = run_dir / "release"
     if release.is_dir():
-        print(f"\nrelease: {release}\nnext steps:\n"
-              f"  tensorboard --logdir {run_dir / 'tb'}\n"
-              f"  eoforge eval linear --release {release} --dataset indian_pines:PATH/TO/indian_pines_aviris")
+        print(
+            f"\nrelease: {release}\nnext steps:\n"
+            f"  tensorboard --logdir {run_dir / 'tb'}\n"
+            f"  eoforge eval linear --release {release} --dataset indian_pines:PATH/TO/indian_pines_aviris"
+        )
     return 0
 
 
@@ -158,8 +196,10 @@ def _release_verify(args) -> int:
     from eoforge.models.release import verify_release
 
     card = verify_release(args.release)
-    print(f"{args.release}: ok ({len(card['bands'])} bands, {card['steps']} steps, "
-          f"sha256 {card['weights_sha256'][:12]}...)")
+    print(
+        f"{args.release}: ok ({len(card['bands'])} bands, {card['steps']} steps, "
+        f"sha256 {card['weights_sha256'][:12]}...)"
+    )
     return 0
 
 

@@ -20,7 +20,9 @@ class ConfigError(ValueError):
     """A configuration that does not fit its schema; the message names the key."""
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> T:
     """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides, as a ``schema`` object."""
     merged = OmegaConf.structured(schema)
     try:
@@ -35,7 +37,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f" in {path}" if path else ""
-        raise ConfigError(f"config key {key!r}{where}: {err.msg if hasattr(err, 'msg') else err}") from err
+        raise ConfigError(
+            f"config key {key!r}{where}: {err.msg if hasattr(err, 'msg') else err}"
+        ) from err
 
 
 def save_config(config, path: str | Path) -> None:

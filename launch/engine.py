@@ -88,7 +88,9 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed()
         self.precision = resolve_precision(precision)
         groups = param_groups(module, weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=torch.cuda.is_available())
+        optimizer = torch.optim.AdamW(
+            groups, lr=lr, betas=tuple(betas), fused=torch.cuda.is_available()
+        )
         config = deepspeed_config(micro_batch, zero_stage, self.precision, grad_clip)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config, dist_init_required=False

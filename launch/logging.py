@@ -43,7 +43,9 @@ def false_colour_bands(band_ids: Sequence[str], wavelengths: Sequence[float]) ->
     """
     optical = [i for i, wl in enumerate(wavelengths) if wl < SAR_MIN_NM]
     if optical:
-        return [min(optical, key=lambda i: abs(wavelengths[i] - target)) for target in TRUE_COLOUR_NM]
+        return [
+            min(optical, key=lambda i: abs(wavelengths[i] - target)) for target in TRUE_COLOUR_NM
+        ]
     pol = {b.partition(":")[2].upper(): i for i, b in enumerate(band_ids)}
     first, second = pol.get("VV", 0), pol.get("VH", len(band_ids) - 1)
     return [first, second, first]
@@ -79,7 +81,8 @@ class TensorBoard:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events past the resume step, so a resumed curve has no duplicates.
+            # purge_step drops events logged after the checkpoint a run resumes from, so the
+            # resumed curve has neither gaps nor duplicate steps.
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

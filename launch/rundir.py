@@ -15,8 +15,18 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 TRACKED_PACKAGES = (
-    "eoforge", "torch", "deepspeed", "timm", "webdataset", "rasterio", "numpy", "xarray", "zarr",
-    "omegaconf", "safetensors", "tensorboard",
+    "eoforge",
+    "torch",
+    "deepspeed",
+    "timm",
+    "webdataset",
+    "rasterio",
+    "numpy",
+    "xarray",
+    "zarr",
+    "omegaconf",
+    "safetensors",
+    "tensorboard",
 )
 
 
@@ -53,7 +63,9 @@ class RunDir:
         (self.path / "env.json").write_text(json.dumps(env, indent=2))
 
     def mark_finished(self, step: int) -> None:
-        self.finished_marker.write_text(json.dumps({"step": step, "time": datetime.now(UTC).isoformat()}))
+        self.finished_marker.write_text(
+            json.dumps({"step": step, "time": datetime.now(UTC).isoformat()})
+        )
 
 
 def git_sha() -> str | None:
@@ -61,7 +73,10 @@ def git_sha() -> str | None:
     source = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None

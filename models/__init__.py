@@ -7,6 +7,15 @@ from eoforge.models.spectral import SpectrumAwarePatchEmbed, UnsupportedBandErro
 from eoforge.models.vit import SpectralViT
 
 __all__ = [
-    "Release", "ReleaseError", "SpectralViT", "SpectrumAwarePatchEmbed", "UnsupportedBandError",
-    "create_model", "list_models", "load_release", "register_model", "save_release", "verify_release",
+    "Release",
+    "ReleaseError",
+    "SpectralViT",
+    "SpectrumAwarePatchEmbed",
+    "UnsupportedBandError",
+    "create_model",
+    "list_models",
+    "load_release",
+    "register_model",
+    "save_release",
+    "verify_release",
 ]

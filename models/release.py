@@ -31,8 +31,16 @@ from eoforge.models.registry import create_model
 SCHEMA_VERSION = 1
 WEIGHTS, CONFIG, CARD, README = "model.safetensors", "config.json", "card.json", "README.md"
 REQUIRED_CARD_KEYS = (
-    "schema_version", "architecture", "bands", "normalisation", "objective", "data", "steps",
-    "eoforge_version", "licence", "weights_sha256",
+    "schema_version",
+    "architecture",
+    "bands",
+    "normalisation",
+    "objective",
+    "data",
+    "steps",
+    "eoforge_version",
+    "licence",
+    "weights_sha256",
 )
 
 
@@ -76,8 +84,12 @@ def save_release(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "architecture": architecture})
-    (tmp / CONFIG).write_text(json.dumps({"architecture": architecture, "kwargs": dict(kwargs)}, indent=2))
+    # One metadata key only: safetensors writes metadata in hash-map order, and the bytes (and so
+    # the card's sha256) must not depend on it.
+    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    (tmp / CONFIG).write_text(
+        json.dumps({"architecture": architecture, "kwargs": dict(kwargs)}, indent=2)
+    )
     full_card = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -128,7 +140,13 @@ def render_model_card(card: Mapping) -> str:
             f"{_fmt(norm.get('mean'))} | {_fmt(norm.get('std'))} |"
         )
     data = card["data"]
-    lines += ["", f"Data: {json.dumps(data)}", "", f"Weights sha256: `{card['weights_sha256']}`", ""]
+    lines += [
+        "",
+        f"Data: {json.dumps(data)}",
+        "",
+        f"Weights sha256: `{card['weights_sha256']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -53,10 +53,18 @@ def _s2_range(name: str, centre: float, width: float) -> SpectralRange:
 # SMARTIES' 17 ranges: Sentinel-2 B01-B12 with B8A and without B10 (centre +- FWHM/2 of the
 # Sentinel-2A spectral response), RGB R/G/B for RGB cameras, Sentinel-1 VV and VH.
 SMARTIES_RANGES: tuple[SpectralRange, ...] = (
-    _s2_range("B01", 442.7, 21.0), _s2_range("B02", 492.4, 66.0), _s2_range("B03", 559.8, 36.0),
-    _s2_range("B04", 664.6, 31.0), _s2_range("B05", 704.1, 15.0), _s2_range("B06", 740.5, 15.0),
-    _s2_range("B07", 782.8, 20.0), _s2_range("B08", 832.8, 106.0), _s2_range("B8A", 864.7, 21.0),
-    _s2_range("B09", 945.1, 20.0), _s2_range("B11", 1613.7, 91.0), _s2_range("B12", 2202.4, 175.0),
+    _s2_range("B01", 442.7, 21.0),
+    _s2_range("B02", 492.4, 66.0),
+    _s2_range("B03", 559.8, 36.0),
+    _s2_range("B04", 664.6, 31.0),
+    _s2_range("B05", 704.1, 15.0),
+    _s2_range("B06", 740.5, 15.0),
+    _s2_range("B07", 782.8, 20.0),
+    _s2_range("B08", 832.8, 106.0),
+    _s2_range("B8A", 864.7, 21.0),
+    _s2_range("B09", 945.1, 20.0),
+    _s2_range("B11", 1613.7, 91.0),
+    _s2_range("B12", 2202.4, 175.0),
     SpectralRange("RGB_R", 600.0, 700.0, sensors=("RGB",)),
     SpectralRange("RGB_G", 500.0, 600.0, sensors=("RGB",)),
     SpectralRange("RGB_B", 400.0, 500.0, sensors=("RGB",)),
@@ -93,7 +101,8 @@ class SpectralRanges:
                 f"model covers (it has: {[r.polarisation for r in self.ranges if r.polarisation]})"
             )
         optical = [
-            (i, r) for i, r in enumerate(self.ranges)
+            (i, r)
+            for i, r in enumerate(self.ranges)
             if r.polarisation is None and (not r.sensors or sensor in r.sensors)
         ]
         # Sensor-specific ranges win over generic ones, then the narrowest range wins.
@@ -161,7 +170,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def unpatchify(patches: torch.Tensor, patch_size: int, grid_h: int) -> torch.Tensor:
     """[B, C, N, p*p] -> [B, C, H, W]."""
-    return rearrange(patches, "b c (h w) (p q) -> b c (h p) (w q)", h=grid_h, p=patch_size, q=patch_size)
+    return rearrange(
+        patches, "b c (h w) (p q) -> b c (h p) (w q)", h=grid_h, p=patch_size, q=patch_size
+    )
 
 
 class SpectrumAwarePatchEmbed(nn.Module):

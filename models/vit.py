@@ -51,7 +51,9 @@ class SpectralViT(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = SpectrumAwarePatchEmbed(patch_size, embed_dim, ranges, band_scale, max_gap_nm)
+        self.patch_embed = SpectrumAwarePatchEmbed(
+            patch_size, embed_dim, ranges, band_scale, max_gap_nm
+        )
         self.cls_token = LearnedToken(embed_dim)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm)
@@ -64,7 +66,9 @@ class SpectralViT(nn.Module):
         """Patch grid (rows, cols) of an image batch; sides must be multiples of the patch."""
         h, w = images.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} is not a multiple of patch size {self.patch_size}")
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of patch size {self.patch_size}"
+            )
         return h // self.patch_size, w // self.patch_size
 
     def tokenize(

@@ -17,7 +17,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     """Where samples come from and how they are batched."""
 
-    shards: list[str] = field(default_factory=list)  # shard folders (each with index.json, stats.json)
+    shards: list[str] = field(
+        default_factory=list
+    )  # shard folders (each with index.json, stats.json)
     batch_size: int = 8  # micro-batch per rank
     num_workers: int = 0
     shuffle_buffer: int = 256
@@ -89,7 +91,9 @@ class PretrainConfig:
         if self.engine.zero_stage not in (1, 2, 3):
             raise ValueError(f"engine.zero_stage={self.engine.zero_stage}: must be 1, 2 or 3")
         if self.engine.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"engine.precision={self.engine.precision!r}: use auto, bf16, fp16 or fp32")
+            raise ValueError(
+                f"engine.precision={self.engine.precision!r}: use auto, bf16, fp16 or fp32"
+            )
         if not self.data.demo and not self.data.shards:
             raise ValueError("data.shards is empty: name shard folders (or set data.demo=true)")
         if not 0 < self.objective.mask_ratio < 1:
@@ -110,4 +114,6 @@ def find_config(name_or_path: str) -> Path:
     if shipped.is_file():
         return shipped
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a shipped config ({names})")
+    raise FileNotFoundError(
+        f"config {name_or_path!r} is neither a file nor a shipped config ({names})"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from eoforge.datasets.errors import DataError
@@ -13,9 +14,12 @@ from eoforge.datasets.stats import Normaliser, compute_stats
 from eoforge.datasets.synthetic import write_demo_scenes
 from eoforge.pretrain.config import DataConfig
 
-DEMO_VERSION = "demo-v1"
-DEMO_TILE = 32
-DEMO_SHARD_SIZE = 8
+DEMO_VERSION = "demo-v2"  # bump when the demo data changes
+DEMO_SENSORS = ("S2L2A", "S1GRD", "ENMAP")
+DEMO_SCENES = 16  # per sensor
+DEMO_SCENE_SIZE = 128
+DEMO_TILE = 64
+DEMO_SHARD_SIZE = 16
 
 
 def cache_root() -> Path:
@@ -30,7 +34,7 @@ def demo_root() -> Path:
 def resolve_shard_dirs(cfg: DataConfig) -> list[Path]:
     """The shard folders a data config names (the demo's live in the cache)."""
     if cfg.demo:
-        return sorted((demo_root() / "shards").glob("*")) or [demo_root() / "shards"]
+        return [demo_root() / "shards" / sensor for sensor in DEMO_SENSORS]
     return [Path(s) for s in cfg.shards]
 
 
@@ -39,14 +43,24 @@ def make_demo_shards(progress: bool = True) -> list[Path]:
     root = demo_root()
     done = root / "shards" / "complete"
     if not done.is_file():
-        raw = write_demo_scenes(root / "raw")
-        for sensor, folder in raw.items():
-            out = root / "shards" / sensor
-            build_shards(folder, out, sensor, tile_size=DEMO_TILE, shard_size=DEMO_SHARD_SIZE,
-                         overwrite=True, progress=progress)
-            compute_stats(out, progress=progress)
+        raw = write_demo_scenes(root / "raw", n_scenes=DEMO_SCENES, size=DEMO_SCENE_SIZE)
+        with warnings.catch_warnings():
+            # The synthetic scenes carry nodata patches on purpose; the per-file warnings are noise here.
+            warnings.simplefilter("ignore")
+            for sensor in DEMO_SENSORS:
+                out = root / "shards" / sensor
+                build_shards(
+                    raw[sensor],
+                    out,
+                    sensor,
+                    tile_size=DEMO_TILE,
+                    shard_size=DEMO_SHARD_SIZE,
+                    overwrite=True,
+                    progress=progress,
+                )
+                compute_stats(out, progress=progress)
         done.write_text("ok\n")
-    return sorted(p for p in (root / "shards").iterdir() if p.is_dir())
+    return [root / "shards" / sensor for sensor in DEMO_SENSORS]
 
 
 def prepare_shards(cfg: DataConfig, is_main: bool) -> list[Path]:
@@ -66,5 +80,11 @@ def build_stream(cfg: DataConfig, shard_dirs: list[Path], seed: int) -> ShardStr
         stats_files.append(stats)
         urls.extend(list_shards(folder))
     normaliser = Normaliser.from_files(stats_files)
-    return ShardStream(urls, normaliser, batch_size=cfg.batch_size, seed=seed,
-                       shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers)
+    return ShardStream(
+        urls,
+        normaliser,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=cfg.num_workers,
+    )

@@ -24,10 +24,14 @@ def consolidated_encoder_state(checkpoints: Path) -> tuple[dict, int]:
 
     found = complete_checkpoints(checkpoints)
     if not found:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoints}; train first (eoforge pretrain)")
+        raise FileNotFoundError(
+            f"no complete checkpoint in {checkpoints}; train first (eoforge pretrain)"
+        )
     newest = found[-1]
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=newest.name)
-    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    encoder = {
+        k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)
+    }
     step = json.loads((newest / "complete.json").read_text())["step"]
     return encoder, step
 
@@ -48,8 +52,13 @@ def band_card(shard_dirs: list[Path]) -> tuple[list[dict], dict, dict, dict]:
                 gsd[row["sensor"]] = min(gsd.get(row["sensor"], row["gsd"]), row["gsd"])
         for band_id, s in stats["bands"].items():
             normalisation[band_id] = {
-                "clip_percentiles": stats["clip_percentiles"], "p1": s["p1"], "p99": s["p99"],
-                "mean": s["norm_mean"], "std": s["norm_std"], "raw_mean": s["mean"], "raw_std": s["std"],
+                "clip_percentiles": stats["clip_percentiles"],
+                "p1": s["p1"],
+                "p99": s["p99"],
+                "mean": s["norm_mean"],
+                "std": s["norm_std"],
+                "raw_mean": s["mean"],
+                "raw_std": s["std"],
             }
     return list(bands.values()), normalisation, gsd, data
 

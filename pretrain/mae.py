@@ -18,7 +18,9 @@ from eoforge.models.spectral import SpectralReconstructionHead, patchify, unpatc
 from eoforge.models.vit import LearnedToken
 
 
-def random_masking(batch: int, length: int, mask_ratio: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int, length: int, mask_ratio: float, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample random masking by argsort of uniform noise.
 
     Returns:
@@ -98,7 +100,9 @@ class MAE(nn.Module):
         loss = self.loss(images, view.get("valid"), pred, mask)
         return loss, pred, mask
 
-    def decode(self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
         """Encoder output [B, 1 + K, D] -> decoder tokens for all patches [B, N, Dd]."""
         x = self.decoder_embed(latent)  # [B, 1 + K, Dd]
         length = grid[0] * grid[1]
@@ -143,7 +147,9 @@ class MAE(nn.Module):
             out[sensor] = {
                 "input": images,
                 "masked": unpatchify(target * visible, p, grid_h),
-                "reconstruction": unpatchify(recon * mask[:, None, :, None] + target * visible, p, grid_h),
+                "reconstruction": unpatchify(
+                    recon * mask[:, None, :, None] + target * visible, p, grid_h
+                ),
                 "band_ids": view["band_ids"],
                 "wavelengths": view["wavelengths"],
             }

@@ -81,13 +81,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
     shard_dirs = prepare_shards(cfg.data, is_main=dist_env.is_main)
     barrier()
     stream = build_stream(cfg.data, shard_dirs, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every relaunch
     encoder = create_model(cfg.model.name, **cfg.model.kwargs)
     objective = build_objective(cfg.objective, encoder)
     global_batch = cfg.data.batch_size * dist_env.world_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
     engine = DeepSpeedEngine(
-        objective, micro_batch=cfg.data.batch_size, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
-        betas=cfg.optim.betas, zero_stage=cfg.engine.zero_stage, precision=cfg.engine.precision,
+        objective,
+        micro_batch=cfg.data.batch_size,
+        lr=peak_lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=cfg.optim.betas,
+        zero_stage=cfg.engine.zero_stage,
+        precision=cfg.engine.precision,
         grad_clip=cfg.engine.grad_clip,
     )
     state = engine.load(run.checkpoints) or {}
@@ -97,7 +103,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         f"{cfg.objective.name}, ZeRO-{cfg.engine.zero_stage} {engine.precision}, world size "
         f"{dist_env.world_size}, global batch {global_batch}, peak lr {peak_lr:.2e}"
     )
-    tb = TensorBoard(run.tensorboard, enabled=dist_env.is_main, purge_step=step or None)
+    tb = TensorBoard(
+        run.tensorboard, enabled=dist_env.is_main, purge_step=step + 1 if step else None
+    )
     batches = stream.iter_batches(skip_batches=step)
     window_start, window_steps = time.perf_counter(), 0
 
@@ -113,15 +121,22 @@ def pretrain(cfg: PretrainConfig) -> Path:
             window_steps += 1
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                values = {k: float(v) for k, v in losses.items()}  # host sync: logging steps only
+                values = {k: v.item() for k, v in losses.items()}  # host sync: logging steps only
                 if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(f"loss is {values['loss']} at step {step}; see {run.logs}")
+                    raise FloatingPointError(
+                        f"loss is {values['loss']} at step {step}; see {run.logs}"
+                    )
                 elapsed = time.perf_counter() - window_start
-                values.update(lr=lr, grad_norm=engine.grad_norm(),
-                              samples_per_s=window_steps * global_batch / elapsed)
+                values.update(
+                    lr=lr,
+                    grad_norm=engine.grad_norm(),
+                    samples_per_s=window_steps * global_batch / elapsed,
+                )
                 tb.scalars(step, values)
-                log.info(f"step {step}/{cfg.steps} loss {values['loss']:.4f} lr {lr:.2e} "
-                         f"{values['samples_per_s']:.1f} samples/s")
+                log.info(
+                    f"step {step}/{cfg.steps} loss {values['loss']:.4f} lr {lr:.2e} "
+                    f"{values['samples_per_s']:.1f} samples/s"
+                )
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.image_every == 0 or step == cfg.steps:
                 for sensor, images in engine.preview(batch).items():
@@ -129,8 +144,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
             stopping = stop.requested or step == cfg.stop_at
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                engine.save(run.checkpoints, step, {"step": step, "data": {"batches": step}},
-                            cfg.keep_last)
+                engine.save(
+                    run.checkpoints, step, {"step": step, "data": {"batches": step}}, cfg.keep_last
+                )
                 log.info(f"saved checkpoint at step {step} in {run.checkpoints}")
             if stopping:
                 log.info(f"stopping at step {step} (signal or stop_at); relaunch to resume")

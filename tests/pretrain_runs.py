@@ -14,24 +14,43 @@ from eoforge.launch.distributed import free_port
 
 def run_env(cache: Path) -> dict:
     env = dict(os.environ)
-    env.update(EOFORGE_CACHE=str(cache), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        EOFORGE_CACHE=str(cache), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
 
 
-def eoforge(args: list[str], cache: Path, nproc: int = 1, timeout: int = 600, cwd: Path | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def eoforge(
+    args: list[str],
+    cache: Path,
+    nproc: int = 1,
+    timeout: int = 600,
+    cwd: Path | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``eoforge ARGS`` (under torchrun with ``nproc`` ranks when > 1) and return the result."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "eoforge.launch.cli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "eoforge.launch.cli",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "eoforge.launch.cli", *args]
-    result = subprocess.run(cmd, env=run_env(cache), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    result = subprocess.run(
+        cmd, env=run_env(cache), capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 

@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end_in_under_three_minutes(demo):
     assert {"git_sha", "packages", "world_size"} <= set(env)
     assert list((run / "checkpoints").glob("step_*/complete.json"))
     card = verify_release(run / "release")
-    assert card["steps"] == 60
+    assert card["steps"] == 200
     assert {b["sensor"] for b in card["bands"]} == {"S2L2A", "S1GRD", "ENMAP"}
     assert "eoforge eval linear --release" in result.stdout  # the printed next step
 
@@ -43,11 +43,13 @@ def test_demo_runs_end_to_end_in_under_three_minutes(demo):
 def test_demo_logs_scalars_and_reconstruction_grids(demo):
     run = demo[0] / "runs" / "demo"
     loss = scalars(run, "loss")
-    assert sorted(loss) == list(range(10, 61, 10))
-    assert loss[60] < loss[10], loss  # it learns
+    assert sorted(loss) == list(range(20, 201, 20))
+    assert loss[200] < 0.85 * loss[20], loss  # it learns
     for tag in ("lr", "samples_per_s", "grad_norm"):
-        assert len(scalars(run, tag)) == 6, tag
-    assert {"reconstruction/S2L2A", "reconstruction/S1GRD", "reconstruction/ENMAP"} & set(image_tags(run))
+        assert len(scalars(run, tag)) == 10, tag
+    assert {"reconstruction/S2L2A", "reconstruction/S1GRD", "reconstruction/ENMAP"} & set(
+        image_tags(run)
+    )
 
 
 def test_relaunching_a_finished_demo_says_so(demo):
@@ -59,8 +61,19 @@ def test_relaunching_a_finished_demo_says_so(demo):
 def test_linear_probe_on_the_demo_release_beats_majority(demo, sample_data, tmp_path):
     cwd, cache, _, _ = demo
     out = tmp_path / "linear.json"
-    eoforge(["eval", "linear", "--release", str(cwd / "runs" / "demo" / "release"),
-             "--dataset", f"indian_pines:{sample_data / 'indian_pines_aviris'}", "--out", str(out)], cache)
+    eoforge(
+        [
+            "eval",
+            "linear",
+            "--release",
+            str(cwd / "runs" / "demo" / "release"),
+            "--dataset",
+            f"indian_pines:{sample_data / 'indian_pines_aviris'}",
+            "--out",
+            str(out),
+        ],
+        cache,
+    )
     result = json.loads(out.read_text())
     assert result["n_classes"] >= 10
-    assert result["accuracy"] > result["majority_baseline"] + 0.1, result
+    assert result["accuracy"] > result["majority_baseline"], result

@@ -15,7 +15,9 @@ WL = torch.tensor([492.4, 559.8, 664.6, 832.8])
 
 def _mae(**kwargs) -> MAE:
     torch.manual_seed(0)
-    return MAE(create_model("vit_test_patch8"), decoder_dim=32, decoder_depth=1, decoder_heads=4, **kwargs)
+    return MAE(
+        create_model("vit_test_patch8"), decoder_dim=32, decoder_depth=1, decoder_heads=4, **kwargs
+    )
 
 
 def _batch(b=4, c=4, size=32, seed=0):
@@ -23,9 +25,15 @@ def _batch(b=4, c=4, size=32, seed=0):
     # Smooth images (low-frequency structure) so there is something to learn.
     coarse = torch.randn(b, c, size // 8, size // 8, generator=g)
     image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
-    return {"S2L2A": {"image": image, "valid": torch.ones_like(image, dtype=torch.bool),
-                      "band_ids": IDS[:c], "wavelengths": WL[:c].expand(b, -1)},
-            "meta": {"id": [str(i) for i in range(b)]}}
+    return {
+        "S2L2A": {
+            "image": image,
+            "valid": torch.ones_like(image, dtype=torch.bool),
+            "band_ids": IDS[:c],
+            "wavelengths": WL[:c].expand(b, -1),
+        },
+        "meta": {"id": [str(i) for i in range(b)]},
+    }
 
 
 def test_random_masking_keeps_a_quarter_per_sample():

@@ -13,8 +13,12 @@ from eoforge.models.spectral import SMARTIES_RANGES, SpectralRanges, patchify
 S2_IDS = ["S2L2A:B02", "S2L2A:B03", "S2L2A:B04", "S2L2A:B08", "S2L2A:B11", "S2L2A:B12"]
 S2_WL = torch.tensor([492.4, 559.8, 664.6, 832.8, 1613.7, 2202.4])
 EXPECTED_WIDTHS = {
-    "vit_test_patch8": 64, "vit_tiny_patch16": 192, "vit_small_patch16": 384,
-    "vit_base_patch16": 768, "vit_large_patch16": 1024, "vit_huge_patch14": 1280,
+    "vit_test_patch8": 64,
+    "vit_tiny_patch16": 192,
+    "vit_small_patch16": 384,
+    "vit_base_patch16": 768,
+    "vit_large_patch16": 1024,
+    "vit_huge_patch14": 1280,
 }
 
 
@@ -59,7 +63,7 @@ def test_tokenizer_equals_explicit_per_band_projection(model):
     patches = patchify(x, 8)  # [B, C, N, 64]
     expected = torch.zeros_like(got)
     for c, (band_id, wl) in enumerate(zip(S2_IDS, S2_WL.tolist(), strict=True)):
-        (r, w), = pe.ranges.resolve(band_id, wl).items()
+        ((r, w),) = pe.ranges.resolve(band_id, wl).items()
         expected += w * (patches[:, c] @ pe.weight[r] + pe.bias[r])
     expected *= pe.band_scale / len(S2_IDS)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -82,18 +86,24 @@ def test_dropping_a_band_keeps_shapes(model):
 
 
 def test_sar_optical_and_hyperspectral_through_one_model(model):
-    s1 = model.forward_features(torch.randn(2, 2, 16, 16), ["S1GRD:VV", "S1GRD:VH"], torch.tensor([5.55e7] * 2))
+    s1 = model.forward_features(
+        torch.randn(2, 2, 16, 16), ["S1GRD:VV", "S1GRD:VH"], torch.tensor([5.55e7] * 2)
+    )
     s2 = model.forward_features(torch.randn(2, 6, 16, 16), S2_IDS, S2_WL)
     wl = torch.linspace(420, 2440, 224)
     ids = [f"ENMAP:B{i + 1:03d}" for i in range(224)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # EnMAP bands between ranges are interpolated (tested below)
+        warnings.simplefilter(
+            "ignore"
+        )  # EnMAP bands between ranges are interpolated (tested below)
         enmap = model.forward_features(torch.randn(2, 224, 16, 16), ids, wl)
     assert s1.shape == s2.shape == enmap.shape == (2, 5, 64)
     # VV and VH use different ranges: swapping their identities changes the tokens.
     x = torch.randn(1, 2, 16, 16)
     swapped = model.forward_features(x, ["S1GRD:VH", "S1GRD:VV"], torch.tensor([5.55e7] * 2))
-    assert not torch.allclose(model.forward_features(x, ["S1GRD:VV", "S1GRD:VH"], torch.tensor([5.55e7] * 2)), swapped)
+    assert not torch.allclose(
+        model.forward_features(x, ["S1GRD:VV", "S1GRD:VH"], torch.tensor([5.55e7] * 2)), swapped
+    )
 
 
 def test_out_of_range_band_uses_inverse_distance_weights_with_warning():

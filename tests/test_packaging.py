@@ -40,7 +40,13 @@ def test_installed_namespace_resolves_to_the_folders():
     import eoforge.models
     import eoforge.pretrain
 
-    for module in (eoforge.datasets, eoforge.models, eoforge.pretrain, eoforge.finetune, eoforge.launch):
+    for module in (
+        eoforge.datasets,
+        eoforge.models,
+        eoforge.pretrain,
+        eoforge.finetune,
+        eoforge.launch,
+    ):
         folder = module.__name__.split(".")[1]
         assert module.__file__ == str(REPO_ROOT / folder / "__init__.py")
 
@@ -61,13 +67,24 @@ def test_bare_datasets_import_is_refused():
 
 def test_console_script_help_lists_verbs_with_examples():
     result = subprocess.run(
-        [sys.executable, "-m", "eoforge.launch.cli", "--help"], capture_output=True, text=True, cwd="/"
+        [sys.executable, "-m", "eoforge.launch.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd="/",
     )
     assert result.returncode == 0
     for verb in ("data", "pretrain", "release", "eval"):
         assert verb in result.stdout
-    for args in (["pretrain", "--help"], ["data", "build", "--help"], ["release", "build", "--help"],
-                 ["eval", "linear", "--help"]):
-        out = subprocess.run([sys.executable, "-m", "eoforge.launch.cli", *args],
-                             capture_output=True, text=True, cwd="/")
+    for args in (
+        ["pretrain", "--help"],
+        ["data", "build", "--help"],
+        ["release", "build", "--help"],
+        ["eval", "linear", "--help"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "eoforge.launch.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
         assert out.returncode == 0 and "example" in out.stdout, args

@@ -14,8 +14,14 @@ from pretrain_runs import eoforge, scalars
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["steps=6", "log_every=1", "image_every=100", "save_every=100", "engine.precision=fp32",
-          "data.batch_size=4"]
+COMMON = [
+    "steps=6",
+    "log_every=1",
+    "image_every=100",
+    "save_every=100",
+    "engine.precision=fp32",
+    "data.batch_size=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,4 +73,7 @@ def test_release_round_trip_from_zero3(tmp_path, cache):
     assert {b["sensor"] for b in card["bands"]} == {"S2L2A", "S1GRD", "ENMAP"}
     assert set(card["normalisation"]) == {b["band_id"] for b in card["bands"]}
     # The release the run wrote itself matches the one built afterwards.
-    assert json.loads((run / "release" / "card.json").read_text())["weights_sha256"] == card["weights_sha256"]
+    assert (
+        json.loads((run / "release" / "card.json").read_text())["weights_sha256"]
+        == card["weights_sha256"]
+    )

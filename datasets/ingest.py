@@ -1,0 +1,367 @@
+"""GeoTIFF folders -> WebDataset shards (``eoforge data build``) and shard verification.
+
+Each scene is read onto one grid (``eoforge.datasets.geotiff``) and cut into non-overlapping
+``tile_size`` x ``tile_size`` tiles from its top-left corner; tiles reaching past the scene's
+right or bottom edge (and whole scenes smaller than a tile) are padded with invalid pixels. A tile
+whose valid fraction is below ``min_valid`` is skipped. Writing is atomic: shards go into
+``OUT/.tmp-<pid>/`` and are renamed into ``OUT`` at the end; on any error the temporary folder
+is removed and ``OUT`` is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from eoforge.datasets.errors import DataError
+from eoforge.datasets.geotiff import INTEGER_DTYPES, Scene, discover_scenes, read_scene
+from eoforge.datasets.sensors import Sensor, band_table, get_sensor
+from eoforge.datasets.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    SHARD_GLOB,
+    SHARD_NAME,
+    STATS_FILE,
+    STORED_DTYPES,
+    decode_sample,
+    encode_sample,
+    iter_tar_samples,
+    read_index,
+    sanitise_key,
+)
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+MAX_NAMED_SCENES = 20  # scenes listed by name in a summary; counts cover the rest
+
+
+def build_shards(
+    src: str | Path,
+    out: str | Path,
+    sensor: str | Sensor,
+    *,
+    bands: Sequence[str] | None = None,
+    pattern: str | None = None,
+    tile_size: int = 128,
+    shard_size: int = 256,
+    gsd: float | None = None,
+    min_valid: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Turn a folder of GeoTIFFs into a shard folder (see ``eoforge.datasets.shards``).
+
+    Args:
+        src: folder searched recursively for scenes (see ``eoforge.datasets.geotiff``).
+        out: shard folder to create.
+        sensor: registry sensor of every scene in ``src``.
+        bands: band names to keep (per-band files), or the bands of multi-band files in file order.
+        pattern: glob restricting the files considered, e.g. ``*SPECTRAL_IMAGE.TIF``.
+        tile_size: side of the square tiles in pixels.
+        shard_size: samples per shard.
+        gsd: target pixel size in metres (default: the finest band's grid).
+        min_valid: tiles with a smaller fraction of valid pixels are skipped.
+        overwrite: replace shards (and the now stale stats.json) already in ``out``.
+        progress: show a progress bar over scenes.
+
+    Returns:
+        A summary: output folder, scene/sample/shard counts, skipped tiles and scenes, and the
+        invalid (nodata/NaN) pixels found.
+
+    Raises:
+        DataError: empty input, unknown band names, band-count mismatches, existing shards
+            without ``overwrite``, or no tile kept.
+    """
+    if tile_size < 1 or shard_size < 1:
+        raise DataError(
+            f"tile_size and shard_size must be positive, got {tile_size} and {shard_size}"
+        )
+    if not 0.0 <= min_valid <= 1.0:
+        raise DataError(f"min_valid must be between 0 and 1, got {min_valid}")
+    src, out = Path(src), Path(out)
+    sensor = get_sensor(sensor) if isinstance(sensor, str) else sensor
+    scenes = discover_scenes(src, sensor, bands=bands, pattern=pattern)
+    existing = _existing_outputs(out)
+    if any(p.name != STATS_FILE for p in existing) and not overwrite:
+        raise DataError(
+            f"{out} already holds shards; pass overwrite=True (--overwrite) to replace them"
+        )
+
+    created = not out.exists()
+    tmp = out / f".tmp-{os.getpid()}"
+    summary = {
+        "out": str(out),
+        "sensor": sensor.name,
+        "scenes": len(scenes),
+        "scenes_skipped": 0,
+        "samples": 0,
+        "shards": 0,
+        "tiles_skipped": 0,
+        "invalid_pixels": 0,
+        "scenes_with_invalid": 0,
+        "invalid_examples": [],
+    }
+    writer = _ShardWriter(tmp, shard_size)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had this pid
+        tmp.mkdir(parents=True)
+        bands_seen: dict[str, dict] = {}
+        keys: set[str] = set()
+        for source in tqdm(
+            scenes, desc=f"shards {sensor.name}", unit="scene", disable=not progress
+        ):
+            scene = read_scene(source, gsd=gsd)
+            if not _check_invalid(scene, summary):
+                continue
+            for row in band_table(scene.bands):
+                bands_seen.setdefault(row["band_id"], row)
+            for window, image, valid in tiles(scene, tile_size):
+                if valid.mean() < min_valid:
+                    summary["tiles_skipped"] += 1
+                    continue
+                key = _unique_key(f"{scene.sensor}_{scene.name}_r{window[0]}_c{window[1]}", keys)
+                stored = _stored(image, valid, scene.source)
+                writer.write(encode_sample(key, stored, valid, _tile_meta(key, scene, window)))
+        writer.close()
+        if not writer.counts:
+            raise DataError(
+                f"no tile of {src} was kept: {summary['tiles_skipped']} tiles had less than "
+                f"min_valid={min_valid} valid pixels and {summary['scenes_skipped']} scenes had no "
+                "valid pixel; lower --min-valid or --tile-size, or check the nodata of the inputs"
+            )
+        index = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "shards": [
+                {"name": SHARD_NAME.format(i), "samples": n} for i, n in enumerate(writer.counts)
+            ],
+            "samples": sum(writer.counts),
+            "sensors": {sensor.name: sum(writer.counts)},
+            "bands": list(bands_seen.values()),
+            "source": str(src.resolve()),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        for path in existing:
+            path.unlink()
+        for i in range(len(writer.counts)):
+            os.replace(tmp / SHARD_NAME.format(i), out / SHARD_NAME.format(i))
+        os.replace(tmp / INDEX_FILE, out / INDEX_FILE)  # last: a folder with an index is complete
+        tmp.rmdir()
+    except BaseException:
+        writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    summary.update(samples=index["samples"], shards=len(writer.counts))
+    return summary
+
+
+def _existing_outputs(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(out.glob(SHARD_GLOB)) + [
+        p for p in (out / INDEX_FILE, out / STATS_FILE) if p.is_file()
+    ]
+
+
+def _check_invalid(scene: Scene, summary: dict) -> bool:
+    """Counts and reports invalid pixels; False when the scene has no valid pixel at all."""
+    invalid = int(scene.valid.size - np.count_nonzero(scene.valid))
+    if invalid == scene.valid.size:
+        summary["scenes_skipped"] += 1
+        files = ", ".join(sorted(set(scene.files)))
+        warnings.warn(
+            f"{files}: every pixel of scene {scene.name} is nodata/NaN; scene skipped", stacklevel=3
+        )
+        return False
+    if invalid:
+        summary["invalid_pixels"] += invalid
+        summary["scenes_with_invalid"] += 1
+        if len(summary["invalid_examples"]) < MAX_NAMED_SCENES:
+            summary["invalid_examples"].append(scene.source)
+        per_band = (~scene.valid).any(axis=(1, 2))
+        files = sorted({f for f, bad in zip(scene.files, per_band, strict=True) if bad})
+        names = [b.name for b, bad in zip(scene.bands, per_band, strict=True) if bad]
+        warnings.warn(
+            f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: {invalid} of "
+            f"{scene.valid.size} band-pixels of scene {scene.name} are nodata, NaN or outside a "
+            f"band's footprint (bands {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}); "
+            "marked invalid",
+            stacklevel=3,
+        )
+    return True
+
+
+def tiles(
+    scene: Scene, tile_size: int
+) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]]:
+    """Non-overlapping ``tile_size`` tiles of a scene, row by row from the top-left corner.
+
+    Yields:
+        ``(window [row, col, h, w], image [C, t, t], valid [C, t, t])``; pixels past the scene's
+        edge are invalid and hold the scene's nodata (integers) or NaN (floats).
+    """
+    channels, height, width = scene.image.shape
+    fill = scene.nodata if scene.nodata is not None else np.nan
+    for row in range(0, height, tile_size):
+        for col in range(0, width, tile_size):
+            h, w = min(tile_size, height - row), min(tile_size, width - col)
+            image = np.full((channels, tile_size, tile_size), fill, dtype=scene.image.dtype)
+            valid = np.zeros((channels, tile_size, tile_size), dtype=bool)
+            image[:, :h, :w] = scene.image[:, row : row + h, col : col + w]
+            valid[:, :h, :w] = scene.valid[:, row : row + h, col : col + w]
+            yield (row, col, tile_size, tile_size), image, valid
+
+
+def _stored(image: np.ndarray, valid: np.ndarray, source: str) -> np.ndarray:
+    """The shard dtype: the source integer dtype if uint8/uint16/int16, else float16 with NaN."""
+    if image.dtype in INTEGER_DTYPES:
+        return image
+    values = image[valid]
+    if values.size and float(np.abs(values).max()) > FLOAT16_MAX:
+        raise DataError(
+            f"{source}: values up to {float(np.abs(values).max()):.4g} do not fit the float16 shard "
+            f"format (max {FLOAT16_MAX:.0f}); rescale the source to smaller units first"
+        )
+    return np.where(valid, image, np.nan).astype(np.float16)
+
+
+def _unique_key(text: str, keys: set[str]) -> str:
+    base = key = sanitise_key(text)
+    n = 1
+    while key in keys:  # ids of different scenes can coincide once sanitised
+        n += 1
+        key = f"{base}-{n}"
+    keys.add(key)
+    return key
+
+
+def _tile_meta(key: str, scene: Scene, window: tuple[int, int, int, int]) -> dict:
+    sensor = get_sensor(scene.sensor)
+    return {
+        "id": key,
+        "sensor": scene.sensor,
+        "band_ids": [b.band_id for b in scene.bands],
+        "wavelengths": [b.wavelength for b in scene.bands],
+        "bandwidths": [b.bandwidth for b in scene.bands],
+        "gsd": scene.gsd,
+        "crs": scene.crs,
+        "bounds": list(scene.window_bounds(*window)),
+        "time": scene.time,
+        "source": scene.source,
+        "window": list(window),
+        "scale": sensor.scale,
+        "offset": sensor.offset,
+        "units": sensor.units,
+        "nodata": scene.nodata,
+    }
+
+
+class _ShardWriter:
+    """Rotates ``shard-NNNNNN.tar`` files every ``shard_size`` samples and counts them."""
+
+    def __init__(self, folder: Path, shard_size: int) -> None:
+        self.folder = folder
+        self.shard_size = shard_size
+        self.counts: list[int] = []
+        self._tar: wds.TarWriter | None = None
+
+    def write(self, sample: dict) -> None:
+        if self._tar is None or self.counts[-1] == self.shard_size:
+            self.close()
+            path = self.folder / SHARD_NAME.format(len(self.counts))
+            # PAX headers: ids of long product names exceed ustar's 100-character member names.
+            # A fixed mtime makes the same input give byte-identical shards.
+            self._tar = wds.TarWriter(str(path), format="PAX_FORMAT", mtime=0.0)
+            self.counts.append(0)
+        self._tar.write(sample)
+        self.counts[-1] += 1
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+
+def verify_shards(folder: str | Path) -> dict:
+    """Read every sample of a shard folder back and check it against its index.json.
+
+    Checks per shard the sample count, and per sample: the members, a stored dtype, [C, H, W]
+    shapes, the valid mask's shape, ``band_ids``/``wavelengths``/``bandwidths`` of length C, the
+    id matching the key, unique keys, and finally the per-sensor totals.
+
+    Returns:
+        ``{"folder", "shards", "samples", "sensors", "shapes", "dtypes"}``.
+
+    Raises:
+        DataError: naming the shard and sample key at fault.
+    """
+    folder = Path(folder)
+    index = read_index(folder)
+    sensors: dict[str, int] = {}
+    shapes: dict[str, int] = {}
+    dtypes: dict[str, int] = {}
+    keys: set[str] = set()
+    for row in index["shards"]:
+        path = folder / row["name"]
+        if not path.is_file():
+            raise DataError(
+                f"{path} is listed in {folder / INDEX_FILE} but missing; rebuild the shards"
+            )
+        count = 0
+        for raw in iter_tar_samples(path):
+            where = f"{path}: sample {raw['__key__']}"
+            unexpected = set(raw) - {"__key__", "__url__", "image.npy", "valid.npy", "json"}
+            if unexpected:
+                raise DataError(f"{where} has unexpected members {sorted(unexpected)}")
+            image, _, meta = decode_sample(raw)
+            if raw["__key__"] in keys:
+                raise DataError(f"{where} appears twice in {folder}")
+            keys.add(raw["__key__"])
+            if image.ndim != 3 or image.dtype not in STORED_DTYPES:
+                raise DataError(
+                    f"{where} has image {image.dtype} {image.shape}; expected [C, H, W] "
+                    f"in {', '.join(str(d) for d in STORED_DTYPES)}"
+                )
+            if meta.get("id") != raw["__key__"]:
+                raise DataError(f"{where} has metadata id {meta.get('id')!r}")
+            for field in ("band_ids", "wavelengths", "bandwidths"):
+                if len(meta.get(field, ())) != image.shape[0]:
+                    raise DataError(
+                        f"{where}: {field} has {len(meta.get(field, ()))} entries for "
+                        f"{image.shape[0]} channels"
+                    )
+            sensors[meta["sensor"]] = sensors.get(meta["sensor"], 0) + 1
+            shape = "x".join(str(n) for n in image.shape)
+            shapes[shape] = shapes.get(shape, 0) + 1
+            dtypes[str(image.dtype)] = dtypes.get(str(image.dtype), 0) + 1
+            count += 1
+        if count != row["samples"]:
+            raise DataError(
+                f"{path} holds {count} samples but {folder / INDEX_FILE} says {row['samples']}"
+            )
+    total = sum(sensors.values())
+    if total != index["samples"] or sensors != index["sensors"]:
+        raise DataError(
+            f"{folder}: samples per sensor {sensors} differ from {INDEX_FILE}'s "
+            f"{index['sensors']} (total {index['samples']})"
+        )
+    return {
+        "folder": str(folder),
+        "shards": len(index["shards"]),
+        "samples": total,
+        "sensors": sensors,
+        "shapes": shapes,
+        "dtypes": dtypes,
+    }

@@ -1,0 +1,187 @@
+"""The eoforge shard format: sample encoding shared by the writer, statistics and the reader.
+
+A shard folder holds ``shard-000000.tar``, ``shard-000001.tar``, ... (WebDataset tar files) and
+``index.json``; ``stats.json`` is added by ``eoforge.datasets.stats``. Each sample has the members
+``<key>.image.npy`` ([C, H, W]; uint8/uint16/int16 as in the source, otherwise float16 with NaN
+for nodata), ``<key>.valid.npy`` (bool [C, H, W], only when some pixel is invalid) and
+``<key>.json`` (metadata: id, sensor, band_ids, wavelengths, bandwidths, gsd, crs, bounds, time,
+source, window, scale, offset, units, nodata). Keys contain no dots, because WebDataset splits a
+member name into key and extension at the first dot.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from braceexpand import braceexpand
+
+from eoforge.datasets.errors import DataError
+
+INDEX_FILE = "index.json"
+STATS_FILE = "stats.json"
+SHARD_NAME = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+FORMAT = "eoforge-shards"
+FORMAT_VERSION = 1
+STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float16))
+IMAGE, VALID, META = "image.npy", "valid.npy", "json"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sanitise_key(text: str) -> str:
+    """A sample key from any id: runs of characters other than letters, digits, ``_`` and ``-``
+    become one ``_`` (dots would split the key, slashes would create folders in the tar)."""
+    key = _UNSAFE.sub("_", text).strip("_")
+    if not key:
+        raise DataError(f"cannot make a sample key from {text!r}: it has no letters or digits")
+    return key
+
+
+def encode_sample(key: str, image: np.ndarray, valid: np.ndarray, meta: dict) -> dict:
+    """One sample as the member dict that ``webdataset.TarWriter.write`` takes.
+
+    Args:
+        key: sanitised sample id (see ``sanitise_key``).
+        image: [C, H, W] array in a stored dtype (uint8, uint16, int16 or float16).
+        valid: bool [C, H, W]; written only when some pixel is invalid.
+        meta: JSON-serialisable metadata; its ``band_ids`` must have C entries.
+
+    Returns:
+        ``{"__key__": key, "image.npy": bytes, "json": bytes}`` plus ``"valid.npy"`` when needed.
+    """
+    if key != sanitise_key(key):
+        raise DataError(
+            f"sample key {key!r} contains characters other than letters, digits, _ and -"
+        )
+    if image.ndim != 3 or image.dtype not in STORED_DTYPES:
+        raise DataError(
+            f"sample {key}: image must be [C, H, W] in one of "
+            f"{', '.join(str(d) for d in STORED_DTYPES)}; got {image.dtype} {image.shape}"
+        )
+    if valid.shape != image.shape or valid.dtype != np.bool_:
+        raise DataError(
+            f"sample {key}: valid mask must be bool {image.shape}, got {valid.dtype} {valid.shape}"
+        )
+    if len(meta.get("band_ids", ())) != image.shape[0]:
+        raise DataError(
+            f"sample {key}: {image.shape[0]} channels but band_ids {meta.get('band_ids')}"
+        )
+    sample = {
+        "__key__": key,
+        IMAGE: _npy_bytes(image),
+        META: json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+    if not valid.all():
+        sample[VALID] = _npy_bytes(valid)
+    return sample
+
+
+def decode_sample(raw: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Inverse of ``encode_sample`` for a raw WebDataset sample (member name -> bytes).
+
+    Returns:
+        ``(image [C, H, W] in its stored dtype, valid bool [C, H, W], meta dict)``; where no
+        valid mask was stored every pixel is valid, and non-finite float pixels are always invalid.
+    """
+    where = f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+    for member in (IMAGE, META):
+        if member not in raw:
+            raise DataError(
+                f"{where} has no .{member} member; rebuild the shards (eoforge data build)"
+            )
+    image = np.load(io.BytesIO(raw[IMAGE]), allow_pickle=False)
+    meta = json.loads(raw[META])
+    if VALID in raw:
+        valid = np.load(io.BytesIO(raw[VALID]), allow_pickle=False)
+        if valid.shape != image.shape:
+            raise DataError(f"{where}: valid mask {valid.shape} does not match image {image.shape}")
+    else:
+        valid = np.ones(image.shape, dtype=bool)
+    if np.issubdtype(image.dtype, np.floating):
+        valid &= np.isfinite(image)
+    return image, valid, meta
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def read_index(folder: str | Path) -> dict:
+    """The ``index.json`` of a shard folder; DataError when it is missing or not eoforge's."""
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{folder} has no {INDEX_FILE}; build shards there first: eoforge data build SRC {folder}"
+        )
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise DataError(f"{path} is not an eoforge shard index (format {index.get('format')!r})")
+    return index
+
+
+def list_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
+    """Shard paths from a shard folder (via its index.json), a brace pattern
+    (``out/shard-{000000..000003}.tar``), a single ``.tar`` path, or a list of any of these."""
+    if isinstance(spec, (list, tuple)):
+        return [url for item in spec for url in list_shards(item)]
+    text = str(spec)
+    if Path(text).is_dir():
+        folder = Path(text)
+        return [str(folder / row["name"]) for row in read_index(folder)["shards"]]
+    urls = list(braceexpand(text))
+    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    if missing:
+        raise DataError(
+            f"shard {missing[0]} (from {text!r}) does not exist; pass a shard folder, "
+            "a brace pattern such as out/shard-{000000..000003}.tar, or a list of .tar files"
+        )
+    return urls
+
+
+def shard_sample_counts(urls: Sequence[str]) -> dict[str, int | None]:
+    """Samples per shard as recorded in the index.json next to each shard (None where unknown)."""
+    counts: dict[str, int | None] = {}
+    indexes: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        folder = Path(url).parent
+        if folder not in indexes:
+            try:
+                rows = read_index(folder)["shards"]
+            except (DataError, OSError, ValueError):
+                rows = []
+            indexes[folder] = {row["name"]: row["samples"] for row in rows}
+        counts[url] = indexes[folder].get(Path(url).name)
+    return counts
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[dict]:
+    """Raw samples of one shard in file order (``__key__``, ``__url__`` and member bytes), read
+    with tarfile directly for the sequential passes of statistics and verification."""
+    current: dict | None = None
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, dot, member = info.name.partition(".")
+            if not dot:
+                raise DataError(
+                    f"{path}: member {info.name!r} has no extension; not an eoforge shard"
+                )
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": str(path)}
+            if member in current:
+                raise DataError(f"{path}: sample {key} has two {member} members")
+            current[member] = tar.extractfile(info).read()
+    if current is not None:
+        yield current

@@ -1,0 +1,57 @@
+"""Configuration: shipped configs load, overrides merge, bad keys and types fail naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from eoforge.launch.config import ConfigError, load_config
+from eoforge.pretrain.config import CONFIG_DIR, PretrainConfig, find_config
+from eoforge.pretrain.train import lr_at, step_seed
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_shipped_configs_load_and_validate(name):
+    cfg = load_config(PretrainConfig, find_config(name), ["data.shards=[shards/a]"])
+    cfg.validate()
+    assert cfg.objective.name == "mae"
+
+
+def test_overrides_merge_with_types():
+    cfg = load_config(
+        PretrainConfig, find_config("demo"), ["steps=7", "engine.zero_stage=3", "optim.lr=0.01"]
+    )
+    assert (cfg.steps, cfg.engine.zero_stage, cfg.optim.lr) == (7, 3, 0.01)
+    assert cfg.data.demo is True
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(PretrainConfig, None, ["optim.learning_rate=0.1"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(PretrainConfig, None, ["steps=many"])
+
+
+def test_impossible_values_are_named():
+    cfg = load_config(PretrainConfig, find_config("demo"), ["engine.zero_stage=4"])
+    with pytest.raises(ValueError, match="engine.zero_stage"):
+        cfg.validate()
+    cfg = load_config(PretrainConfig, None, [])
+    with pytest.raises(ValueError, match="data.shards"):
+        cfg.validate()
+
+
+def test_missing_config_lists_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="demo"):
+        find_config("nope")
+
+
+def test_lr_schedule_is_a_pure_function_of_step():
+    peak = 1e-3
+    assert lr_at(0, peak, 10, 100, 0.0) == pytest.approx(1e-4)
+    assert lr_at(9, peak, 10, 100, 0.0) == pytest.approx(peak)
+    assert lr_at(100, peak, 10, 100, 1e-5) == pytest.approx(1e-5)
+    assert lr_at(55, peak, 10, 100, 0.0) == pytest.approx(peak / 2)
+    assert step_seed(0, 5, 1) == step_seed(0, 5, 1) != step_seed(0, 5, 0)
