@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 
 EXAMPLES = {
@@ -40,11 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eoforge.models.release import ReleaseError
     from eoforge.models.spectral import UnsupportedBandError
 
+    warnings.showwarning = _show_warning
     try:
         return args.run(args) or 0
     except (DataError, ConfigError, ReleaseError, UnsupportedBandError, FileNotFoundError) as err:
         print(f"eoforge: error: {err}", file=sys.stderr)
         return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings to a user read as one line each, without the source line that raised them."""
+    print(f"eoforge: warning: {message}", file=file or sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -209,6 +209,8 @@ class SpectrumAwarePatchEmbed(nn.Module):
         mix = self.weights(band_ids, wavelengths, self.weight)  # [C, R]
         channels = mix.shape[0]
         per_band = torch.einsum("cr,rkd->ckd", mix, self.weight)  # [C, p*p, D]
+        # Images arrive in float32; under bf16/fp16 engines the weights set the compute dtype.
+        images = images.to(per_band.dtype)
         x = rearrange(patchify(images, self.patch_size), "b c n k -> b n (c k)")  # [B, N, C*p*p]
         scale = self.band_scale / channels  # S * mean over the bands present
         tokens = x @ per_band.flatten(0, 1)  # [B, N, D]

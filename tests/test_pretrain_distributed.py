@@ -77,3 +77,22 @@ def test_release_round_trip_from_zero3(tmp_path, cache):
         json.loads((run / "release" / "card.json").read_text())["weights_sha256"]
         == card["weights_sha256"]
     )
+
+
+def test_zero1_bf16_single_process(tmp_path, cache):
+    run = tmp_path / "bf16"
+    result = eoforge(
+        [
+            "pretrain",
+            f"run_dir={run}",
+            "steps=4",
+            "log_every=2",
+            "engine.zero_stage=1",
+            "engine.precision=bf16",
+        ],
+        cache,
+    )
+    assert "ZeRO-1 bf16" in result.stdout
+    loss = scalars(run, "loss")
+    assert sorted(loss) == [2, 4] and all(0 < v < 10 for v in loss.values())
+    assert load_release(run / "release").card["steps"] == 4
