@@ -238,5 +238,7 @@ def load_release(path: str | Path, bands: Sequence[str | Mapping] | None = None)
             stacklevel=2,
         )
     wl = torch.tensor(wavelengths, dtype=torch.float32)
-    encoder.patch_embed.ranges.band_weights(band_ids, wavelengths)  # refuses unsupported bands now
+    # Resolve the band set now: unsupported bands fail here, naming them, and the mixing matrix
+    # is cached for the first forward.
+    encoder.patch_embed.weights(band_ids, wl, encoder.patch_embed.weight)
     return Release(path=path, encoder=encoder, card=card, band_ids=band_ids, wavelengths=wl)

@@ -8,6 +8,7 @@ checkpoint in the run directory, with the data stream fast-forwarded to the same
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -166,8 +167,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def _clear(run: RunDir) -> None:
-    import shutil
-
     for folder in (run.checkpoints, run.tensorboard, run.logs, run.release):
         shutil.rmtree(folder, ignore_errors=True)
     run.finished_marker.unlink(missing_ok=True)
