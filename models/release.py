@@ -184,6 +184,12 @@ def verify_release(path: str | Path) -> dict:
             f"{path / CARD} has schema {card['schema_version']}; this eoforge reads up to "
             f"{SCHEMA_VERSION}: upgrade eoforge"
         )
+    config = json.loads((path / CONFIG).read_text())
+    if card["architecture"] != {"name": config["architecture"], "kwargs": config["kwargs"]}:
+        raise ReleaseError(
+            f"{path}: card.json names architecture {card['architecture']} but config.json builds "
+            f"{config['architecture']} with {config['kwargs']}"
+        )
     digest = sha256_of(path / WEIGHTS)
     if digest != card["weights_sha256"]:
         raise ReleaseError(

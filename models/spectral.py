@@ -29,6 +29,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from eoforge.models.pos_embed import sincos_2d
+
 MICROWAVE_MIN_NM = 1e6
 
 
@@ -193,6 +195,7 @@ class SpectrumAwarePatchEmbed(nn.Module):
     ):
         super().__init__()
         self.patch_size = patch_size
+        self.embed_dim = embed_dim
         self.band_scale = band_scale
         self.ranges = SpectralRanges(RANGE_TABLES[ranges], max_gap_nm)
         self.weights = BandWeightCache(self.ranges)
@@ -201,6 +204,12 @@ class SpectrumAwarePatchEmbed(nn.Module):
         self.bias = nn.Parameter(torch.zeros(len(self.ranges), embed_dim))
         # Same init as a p*p -> D linear layer per range.
         nn.init.uniform_(self.weight, -1 / math.sqrt(k), 1 / math.sqrt(k))
+
+    tokens_per_patch = 1
+
+    def positions(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
+        """2-D sincos position table [N, D] in ``like``'s dtype and device."""
+        return sincos_2d(grid_h, grid_w, self.embed_dim, like.device, like.dtype)
 
     def forward(
         self, images: torch.Tensor, band_ids: Sequence[str], wavelengths: torch.Tensor

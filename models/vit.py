@@ -4,8 +4,12 @@ Encoder protocol used by every objective:
   ``tokenize(images, band_ids, wavelengths) -> [B, N, D]`` patch tokens with positions added,
   ``encode(tokens, keep=None) -> [B, 1 + K, D]`` cls token + the kept tokens through the blocks,
   ``forward_features(images, band_ids, wavelengths) -> [B, 1 + N, D]`` both, nothing masked.
-Objectives mask between ``tokenize`` and ``encode``. Blocks are timm's pre-norm blocks, whose
-attention runs through ``torch.nn.functional.scaled_dot_product_attention``.
+Objectives mask between ``tokenize`` and ``encode``. Blocks are pre-norm blocks with timm's
+parameter layout (see ``eoforge.models.timm_interop``), attention through SDPA or flash-attn.
+
+The tokenizer is chosen by name (``tokenizer=``): every tokenizer maps
+``(images [B, C, H, W], band_ids, wavelengths)`` to tokens [B, L, D] without positions and
+supplies its own position encodings through ``positions(grid_h, grid_w, like)``.
 """
 
 from __future__ import annotations
@@ -13,13 +17,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from eoforge.models.pos_embed import sincos_2d
+from eoforge.models.attention import Block
 from eoforge.models.registry import register_model
 from eoforge.models.spectral import SpectrumAwarePatchEmbed
+
+TOKENIZERS = {"spectral": SpectrumAwarePatchEmbed}
+
+
+def build_tokenizer(name: str, patch_size: int, embed_dim: int, **kwargs) -> nn.Module:
+    """The tokenizer registered as ``name`` (see ``TOKENIZERS``)."""
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; known tokenizers: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[name](patch_size=patch_size, embed_dim=embed_dim, **kwargs)
 
 
 class SpectralViT(nn.Module):
@@ -28,9 +40,9 @@ class SpectralViT(nn.Module):
     Args:
         patch_size: side of a square patch in pixels.
         embed_dim, depth, num_heads, mlp_ratio: transformer size.
-        ranges: name of the spectral range table (``"smarties17"``).
-        band_scale: S in SPECS T1, the most bands seen per sample in pretraining.
-        max_gap_nm: farthest a band may lie from a spectral range and still be interpolated.
+        tokenizer: registered tokenizer name (``"spectral"``: SPECS T1).
+        tokenizer_kwargs: options of that tokenizer (e.g. ``ranges``, ``band_scale``).
+        attn_backend: ``"sdpa"`` or ``"flash_attn"`` (see ``eoforge.models.attention``).
         grad_checkpointing: recompute block activations in backward to save memory.
     """
 
@@ -41,9 +53,9 @@ class SpectralViT(nn.Module):
         depth: int = 12,
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
-        ranges: str = "smarties17",
-        band_scale: float = 12.0,
-        max_gap_nm: float = 500.0,
+        tokenizer: str = "spectral",
+        tokenizer_kwargs: dict | None = None,
+        attn_backend: str = "sdpa",
         grad_checkpointing: bool = False,
     ):
         super().__init__()
@@ -51,15 +63,15 @@ class SpectralViT(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = SpectrumAwarePatchEmbed(
-            patch_size, embed_dim, ranges, band_scale, max_gap_nm
+        self.patch_embed = build_tokenizer(
+            tokenizer, patch_size, embed_dim, **(tokenizer_kwargs or {})
         )
         self.cls_token = LearnedToken(embed_dim)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, backend=attn_backend)
             for _ in range(depth)
         )
-        self.norm = _layer_norm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(_init_weights)
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
@@ -74,10 +86,9 @@ class SpectralViT(nn.Module):
     def tokenize(
         self, images: torch.Tensor, band_ids: Sequence[str], wavelengths: torch.Tensor
     ) -> torch.Tensor:
-        """images [B, C, H, W] -> patch tokens with positions [B, N, D]."""
-        tokens = self.patch_embed(images, band_ids, wavelengths)
-        pos = sincos_2d(*self.grid(images), self.embed_dim, tokens.device, tokens.dtype)
-        return tokens + pos
+        """images [B, C, H, W] -> patch tokens with positions [B, L, D]."""
+        tokens = self.patch_embed(images, band_ids, wavelengths)  # [B, L, D]
+        return tokens + self.patch_embed.positions(*self.grid(images), tokens)
 
     def encode(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, N, D], keep [B, K] indices or None -> features [B, 1 + K, D]."""
@@ -116,10 +127,6 @@ class LearnedToken(nn.Module):
     def forward(self, like: torch.Tensor, length: int = 1) -> torch.Tensor:
         """[B, length, D] copies of the token in ``like``'s dtype."""
         return self.token.to(like.dtype).expand(like.shape[0], length, -1)
-
-
-def _layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6, **kwargs)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -10,11 +10,16 @@ bands, so a 224-band EnMAP tile and a 2-band Sentinel-1 tile weigh the same.
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
+from eoforge.models.attention import Block
 from eoforge.models.pos_embed import sincos_2d
-from eoforge.models.spectral import SpectralReconstructionHead, patchify, unpatchify
+from eoforge.models.spectral import (
+    SpectralReconstructionHead,
+    SpectrumAwarePatchEmbed,
+    patchify,
+    unpatchify,
+)
 from eoforge.models.vit import LearnedToken
 
 
@@ -58,6 +63,11 @@ class MAE(nn.Module):
         norm_pix: bool = True,
     ):
         super().__init__()
+        if not isinstance(getattr(encoder, "patch_embed", None), SpectrumAwarePatchEmbed):
+            raise ValueError(
+                "MAE predicts each band through the spectral tokenizer's per-range heads; build the "
+                "encoder with tokenizer='spectral' (model.kwargs.tokenizer)"
+            )
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix = norm_pix
@@ -65,8 +75,7 @@ class MAE(nn.Module):
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = LearnedToken(decoder_dim)
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
-            for _ in range(decoder_depth)
+            Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True) for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.head = SpectralReconstructionHead(encoder.patch_embed, decoder_dim)

@@ -1,0 +1,73 @@
+"""The release card records the bands a model was trained on, and loading checks it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eoforge.models import (
+    ReleaseError,
+    UnsupportedBandError,
+    create_model,
+    load_release,
+    save_release,
+)
+
+BANDS = [
+    {"band_id": "S2L2A:B04", "sensor": "S2L2A", "wavelength": 664.6, "bandwidth": 31.0},
+    {"band_id": "S2L2A:B08", "sensor": "S2L2A", "wavelength": 832.8, "bandwidth": 106.0},
+    {"band_id": "S1GRD:VV", "sensor": "S1GRD", "wavelength": 5.5466e7, "bandwidth": 0.0},
+]
+
+
+@pytest.fixture
+def release(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_test_patch8")
+    card = {
+        "bands": BANDS,
+        "normalisation": {b["band_id"]: {"p1": 0, "p99": 1, "mean": 0, "std": 1} for b in BANDS},
+        "objective": {"name": "mae"},
+        "data": {"samples": 1},
+        "steps": 3,
+    }
+    return save_release(tmp_path / "r", model.state_dict(), "vit_test_patch8", {}, card), model
+
+
+def test_round_trip_and_band_subset(release):
+    path, model = release
+    loaded = load_release(path, bands=["S2L2A:B08", "S2L2A:B04"])
+    assert loaded.band_ids == ["S2L2A:B08", "S2L2A:B04"]
+    torch.testing.assert_close(loaded.wavelengths, torch.tensor([832.8, 664.6]))
+    x = torch.randn(1, 2, 16, 16)
+    torch.testing.assert_close(
+        loaded.encoder.forward_features(x, loaded.band_ids, loaded.wavelengths),
+        model.eval().forward_features(x, loaded.band_ids, loaded.wavelengths),
+    )
+    assert load_release(path).band_ids == [b["band_id"] for b in BANDS]
+
+
+def test_band_outside_the_card_is_refused_by_name(release):
+    with pytest.raises(ReleaseError, match="S2L2A:B11"):
+        load_release(release[0], bands=["S2L2A:B04", "S2L2A:B11"])
+
+
+def test_unseen_band_with_wavelength_follows_the_rule_with_a_warning(release):
+    with pytest.warns(UserWarning, match="S2L2A:B11"):
+        loaded = load_release(
+            release[0], bands=["S2L2A:B04", {"band_id": "S2L2A:B11", "wavelength": 1613.7}]
+        )
+    assert loaded.band_ids[-1] == "S2L2A:B11"
+    with pytest.raises(UnsupportedBandError, match="LANDSAT89:B10"):
+        load_release(release[0], bands=[{"band_id": "LANDSAT89:B10", "wavelength": 10895.0}])
+
+
+def test_card_and_config_must_agree(release):
+    path = release[0]
+    config = json.loads((path / "config.json").read_text())
+    config["kwargs"] = {"depth": 3}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReleaseError, match="architecture"):
+        load_release(path)
