@@ -1,12 +1,20 @@
 """eoforge.models: spectrum-aware tokenizers, ViT encoders, the model registry and the release format."""
 
 from eoforge.models import vit  # noqa: F401  (registers the ViT sizes)
+from eoforge.models.channel_groups import ChannelGroupPatchEmbed, MissingBandError
+from eoforge.models.hypernet import DynamicPatchEmbed
 from eoforge.models.registry import create_model, list_models, register_model
 from eoforge.models.release import Release, ReleaseError, load_release, save_release, verify_release
 from eoforge.models.spectral import SpectrumAwarePatchEmbed, UnsupportedBandError
+from eoforge.models.spectral_adapter import SpectralAdapter, SpectralAdapterPatchEmbed
 from eoforge.models.vit import SpectralViT
 
 __all__ = [
+    "ChannelGroupPatchEmbed",
+    "DynamicPatchEmbed",
+    "MissingBandError",
+    "SpectralAdapter",
+    "SpectralAdapterPatchEmbed",
     "Release",
     "ReleaseError",
     "SpectralViT",

@@ -21,10 +21,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from eoforge.models.attention import Block
+from eoforge.models.channel_groups import ChannelGroupPatchEmbed
+from eoforge.models.encodings import sincos_2d_gsd, sincos_2d_temporal
+from eoforge.models.hypernet import DynamicPatchEmbed
 from eoforge.models.registry import register_model
 from eoforge.models.spectral import SpectrumAwarePatchEmbed
+from eoforge.models.spectral_adapter import SpectralAdapterPatchEmbed
 
-TOKENIZERS = {"spectral": SpectrumAwarePatchEmbed}
+TOKENIZERS = {
+    "spectral": SpectrumAwarePatchEmbed,  # SPECS T1 (SMARTIES)
+    "dofa": DynamicPatchEmbed,  # SPECS T2 (wavelength hypernetwork)
+    "channel_groups": ChannelGroupPatchEmbed,  # SPECS T3 (SatMAE)
+    "spectral_adapter": SpectralAdapterPatchEmbed,  # SPECS T4 (SpectralEarth)
+}
 
 
 def build_tokenizer(name: str, patch_size: int, embed_dim: int, **kwargs) -> nn.Module:
@@ -40,9 +49,14 @@ class SpectralViT(nn.Module):
     Args:
         patch_size: side of a square patch in pixels.
         embed_dim, depth, num_heads, mlp_ratio: transformer size.
-        tokenizer: registered tokenizer name (``"spectral"``: SPECS T1).
+        tokenizer: ``"spectral"`` (T1), ``"dofa"`` (T2), ``"channel_groups"`` (T3) or
+            ``"spectral_adapter"`` (T4).
         tokenizer_kwargs: options of that tokenizer (e.g. ``ranges``, ``band_scale``).
         attn_backend: ``"sdpa"`` or ``"flash_attn"`` (see ``eoforge.models.attention``).
+        gsd_reference: if set, positions follow Scale-MAE: scaled by ``gsd / gsd_reference``
+            (metres) whenever a batch carries its GSD.
+        temporal: if set, positions follow SatMAE: [2-D sincos || year, month, hour code]
+            whenever a batch carries acquisition times.
         grad_checkpointing: recompute block activations in backward to save memory.
     """
 
@@ -56,6 +70,8 @@ class SpectralViT(nn.Module):
         tokenizer: str = "spectral",
         tokenizer_kwargs: dict | None = None,
         attn_backend: str = "sdpa",
+        gsd_reference: float | None = None,
+        temporal: bool = False,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
@@ -63,9 +79,8 @@ class SpectralViT(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = build_tokenizer(
-            tokenizer, patch_size, embed_dim, **(tokenizer_kwargs or {})
-        )
+        self.gsd_reference = gsd_reference
+        self.temporal = temporal
         self.cls_token = LearnedToken(embed_dim)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, backend=attn_backend)
@@ -73,6 +88,10 @@ class SpectralViT(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(_init_weights)
+        # Built after the trunk's init so each tokenizer keeps its own initialisation.
+        self.patch_embed = build_tokenizer(
+            tokenizer, patch_size, embed_dim, **(tokenizer_kwargs or {})
+        )
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid (rows, cols) of an image batch; sides must be multiples of the patch."""
@@ -84,11 +103,23 @@ class SpectralViT(nn.Module):
         return h // self.patch_size, w // self.patch_size
 
     def tokenize(
-        self, images: torch.Tensor, band_ids: Sequence[str], wavelengths: torch.Tensor
+        self,
+        images: torch.Tensor,
+        band_ids: Sequence[str],
+        wavelengths: torch.Tensor,
+        gsd: torch.Tensor | None = None,
+        time: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """images [B, C, H, W] -> patch tokens with positions [B, L, D]."""
+        """images [B, C, H, W] (+ gsd [B] m, time [B] unix s) -> tokens with positions [B, L, D]."""
         tokens = self.patch_embed(images, band_ids, wavelengths)  # [B, L, D]
-        return tokens + self.patch_embed.positions(*self.grid(images), tokens)
+        grid = self.grid(images)
+        if self.temporal and time is not None:
+            return tokens + sincos_2d_temporal(*grid, self.embed_dim, time, tokens)
+        if self.gsd_reference is not None and gsd is not None:
+            if self.patch_embed.tokens_per_patch != 1:
+                raise ValueError("GSD-scaled positions need one token per patch")
+            return tokens + sincos_2d_gsd(*grid, self.embed_dim, gsd, self.gsd_reference, tokens)
+        return tokens + self.patch_embed.positions(*grid, tokens)
 
     def encode(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, N, D], keep [B, K] indices or None -> features [B, 1 + K, D]."""
@@ -103,13 +134,18 @@ class SpectralViT(nn.Module):
         return self.norm(x)
 
     def forward_features(
-        self, images: torch.Tensor, band_ids: Sequence[str], wavelengths: torch.Tensor
+        self,
+        images: torch.Tensor,
+        band_ids: Sequence[str],
+        wavelengths: torch.Tensor,
+        gsd: torch.Tensor | None = None,
+        time: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """images [B, C, H, W] -> features [B, 1 + N, D] (cls first)."""
-        return self.encode(self.tokenize(images, band_ids, wavelengths))
+        """images [B, C, H, W] -> features [B, 1 + L, D] (cls first)."""
+        return self.encode(self.tokenize(images, band_ids, wavelengths, gsd, time))
 
-    def forward(self, images, band_ids, wavelengths):
-        return self.forward_features(images, band_ids, wavelengths)
+    def forward(self, images, band_ids, wavelengths, gsd=None, time=None):
+        return self.forward_features(images, band_ids, wavelengths, gsd, time)
 
 
 class LearnedToken(nn.Module):

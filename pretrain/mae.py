@@ -100,7 +100,7 @@ class MAE(nn.Module):
         """One sensor's view -> (loss, predictions [B, C, N, p*p], mask [B, N])."""
         images, band_ids, wavelengths = view["image"], view["band_ids"], view["wavelengths"]
         enc = self.encoder
-        tokens = enc.tokenize(images, band_ids, wavelengths)  # [B, N, D]
+        tokens = enc.tokenize(images, band_ids, wavelengths, view.get("gsd"), view.get("time"))
         batch, length, _ = tokens.shape
         keep, mask = random_masking(batch, length, self.mask_ratio, tokens.device)
         latent = enc.encode(tokens, keep)  # [B, 1 + K, D]

@@ -134,3 +134,90 @@ def test_band_in_a_range_maps_to_the_narrowest_range():
     assert [names[i] for i in ranges.resolve("S2L2A:B8A", 864.7)] == ["S2_B8A"]
     assert [names[i] for i in ranges.resolve("RGB:R", 665.0)] == ["RGB_R"]
     assert [names[i] for i in ranges.resolve("S2L2A:B04", 664.6)] == ["S2_B04"]
+
+
+ENMAP_WL = torch.linspace(420.0, 2440.0, 224)
+ENMAP_IDS = [f"ENMAP:B{i + 1:03d}" for i in range(224)]
+
+
+@pytest.mark.parametrize("tokenizer", ["spectral", "dofa"])
+def test_one_vit_takes_s1_s2_and_enmap_with_either_band_agnostic_tokenizer(tokenizer):
+    torch.manual_seed(0)
+    m = create_model("vit_test_patch8", tokenizer=tokenizer).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # interpolated EnMAP bands for T1 are tested above
+        shapes = {
+            m.forward_features(
+                torch.randn(2, 2, 16, 16), ["S1GRD:VV", "S1GRD:VH"], torch.tensor([5.55e7] * 2)
+            ).shape,
+            m.forward_features(torch.randn(2, 6, 16, 16), S2_IDS, S2_WL).shape,
+            m.forward_features(torch.randn(2, 224, 16, 16), ENMAP_IDS, ENMAP_WL).shape,
+        }
+    assert shapes == {(2, 5, 64)}
+    x = torch.randn(2, 6, 16, 16)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    torch.testing.assert_close(
+        m.forward_features(x, S2_IDS, S2_WL).mean(1),
+        m.forward_features(x[:, perm], [S2_IDS[i] for i in perm], S2_WL[perm]).mean(1),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_channel_group_and_adapter_tokenizers_in_the_vit():
+    torch.manual_seed(0)
+    groups = create_model("vit_test_patch8", tokenizer="channel_groups")
+    s2 = [
+        "S2L2A:B02",
+        "S2L2A:B03",
+        "S2L2A:B04",
+        "S2L2A:B08",
+        "S2L2A:B05",
+        "S2L2A:B06",
+        "S2L2A:B07",
+        "S2L2A:B8A",
+        "S2L2A:B11",
+        "S2L2A:B12",
+    ]
+    out = groups.forward_features(torch.randn(2, 10, 16, 16), s2, torch.zeros(10))
+    assert out.shape == (2, 1 + 3 * 4, 64)  # 3 groups x 4 patches + cls
+    adapter = create_model("vit_test_patch8", tokenizer="spectral_adapter")
+    assert adapter.forward_features(torch.randn(1, 224, 16, 16), ENMAP_IDS, ENMAP_WL).shape == (
+        1,
+        5,
+        64,
+    )
+
+
+def test_gsd_and_time_reach_the_position_encoding():
+    torch.manual_seed(0)
+    m = create_model("vit_test_patch8", gsd_reference=10.0).eval()
+    x = torch.randn(2, 6, 16, 16)
+    plain = m.forward_features(x, S2_IDS, S2_WL)
+    torch.testing.assert_close(
+        m.forward_features(x, S2_IDS, S2_WL, gsd=torch.tensor([10.0, 10.0])), plain
+    )
+    coarse = m.forward_features(x, S2_IDS, S2_WL, gsd=torch.tensor([10.0, 60.0]))
+    torch.testing.assert_close(coarse[0], plain[0])
+    assert not torch.allclose(coarse[1], plain[1])
+    t = create_model("vit_test_patch8", temporal=True).eval()
+    summer, winter = (
+        torch.tensor([1593561600] * 2),
+        torch.tensor([1577836800] * 2),
+    )  # 2020-07-01, 2020-01-01
+    assert not torch.allclose(
+        t.forward_features(x, S2_IDS, S2_WL, time=summer),
+        t.forward_features(x, S2_IDS, S2_WL, time=winter),
+    )
+
+
+def test_tokenizer_is_selectable_from_a_pretraining_config():
+    from eoforge.launch.config import load_config
+    from eoforge.pretrain.config import PretrainConfig, find_config
+    from eoforge.pretrain.objectives import build_objective
+
+    cfg = load_config(PretrainConfig, find_config("demo"), ["model.kwargs.tokenizer=dofa"])
+    encoder = create_model(cfg.model.name, **cfg.model.kwargs)
+    assert type(encoder.patch_embed).__name__ == "DynamicPatchEmbed"
+    with pytest.raises(ValueError, match="tokenizer='spectral'"):
+        build_objective(cfg.objective, encoder)  # MAE's per-range heads need T1
