@@ -1,8 +1,9 @@
 """eoforge.models: spectrum-aware tokenizers, ViT encoders, the model registry and the release format."""
 
-from eoforge.models import vit  # noqa: F401  (registers the ViT sizes)
+from eoforge.models import less, vit  # noqa: F401  (registers the ViT and LESS sizes)
 from eoforge.models.channel_groups import ChannelGroupPatchEmbed, MissingBandError
 from eoforge.models.hypernet import DynamicPatchEmbed
+from eoforge.models.less import LessTokens, LessViT
 from eoforge.models.registry import create_model, list_models, register_model
 from eoforge.models.release import Release, ReleaseError, load_release, save_release, verify_release
 from eoforge.models.spectral import SpectrumAwarePatchEmbed, UnsupportedBandError
@@ -12,6 +13,8 @@ from eoforge.models.vit import SpectralViT
 __all__ = [
     "ChannelGroupPatchEmbed",
     "DynamicPatchEmbed",
+    "LessTokens",
+    "LessViT",
     "MissingBandError",
     "SpectralAdapter",
     "SpectralAdapterPatchEmbed",

@@ -26,3 +26,11 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, device=None, dtype=torch.float
     cols = torch.arange(grid_w, device=device).repeat(grid_h)  # [N]
     table = torch.cat([sincos_1d(rows, dim // 2), sincos_1d(cols, dim // 2)], dim=1)
     return table.to(dtype)
+
+
+def patch_grid(images: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """Patch grid (rows, cols) of images [..., H, W]; sides must be multiples of the patch."""
+    h, w = images.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not a multiple of patch size {patch_size}")
+    return h // patch_size, w // patch_size

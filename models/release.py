@@ -244,7 +244,12 @@ def load_release(path: str | Path, bands: Sequence[str | Mapping] | None = None)
             stacklevel=2,
         )
     wl = torch.tensor(wavelengths, dtype=torch.float32)
-    # Resolve the band set now: unsupported bands fail here, naming them, and the mixing matrix
-    # is cached for the first forward.
-    encoder.patch_embed.weights(band_ids, wl, encoder.patch_embed.weight)
+    if hasattr(getattr(encoder, "patch_embed", None), "trained_bands"):
+        # Hypernetwork tokenizers embed any wavelength; they warn, naming it, for unseen bands.
+        encoder.patch_embed.trained_bands = set(known)
+    # One patch through the encoder checks the band set now: bands the tokenizer cannot serve
+    # fail here, naming them, instead of at the first real batch.
+    probe = torch.zeros(1, len(band_ids), encoder.patch_size, encoder.patch_size)
+    with torch.no_grad():
+        encoder.forward_features(probe, band_ids, wl)
     return Release(path=path, encoder=encoder, card=card, band_ids=band_ids, wavelengths=wl)

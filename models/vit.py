@@ -24,6 +24,7 @@ from eoforge.models.attention import Block
 from eoforge.models.channel_groups import ChannelGroupPatchEmbed
 from eoforge.models.encodings import sincos_2d_gsd, sincos_2d_temporal
 from eoforge.models.hypernet import DynamicPatchEmbed
+from eoforge.models.pos_embed import patch_grid
 from eoforge.models.registry import register_model
 from eoforge.models.spectral import SpectrumAwarePatchEmbed
 from eoforge.models.spectral_adapter import SpectralAdapterPatchEmbed
@@ -95,12 +96,7 @@ class SpectralViT(nn.Module):
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid (rows, cols) of an image batch; sides must be multiples of the patch."""
-        h, w = images.shape[-2:]
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(
-                f"image size {h}x{w} is not a multiple of patch size {self.patch_size}"
-            )
-        return h // self.patch_size, w // self.patch_size
+        return patch_grid(images, self.patch_size)
 
     def tokenize(
         self,

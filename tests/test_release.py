@@ -71,3 +71,21 @@ def test_card_and_config_must_agree(release):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ReleaseError, match="architecture"):
         load_release(path)
+
+
+def test_hypernetwork_release_warns_for_bands_it_was_not_trained_on(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_test_patch8", tokenizer="dofa")
+    card = {
+        "bands": BANDS,
+        "normalisation": {b["band_id"]: {"p1": 0, "p99": 1, "mean": 0, "std": 1} for b in BANDS},
+        "objective": {"name": "mae"},
+        "data": {},
+        "steps": 1,
+    }
+    path = save_release(
+        tmp_path / "dofa", model.state_dict(), "vit_test_patch8", {"tokenizer": "dofa"}, card
+    )
+    assert load_release(path).encoder.patch_embed.trained_bands == {b["band_id"] for b in BANDS}
+    with pytest.warns(UserWarning, match="S2L2A:B05"):
+        load_release(path, bands=["S2L2A:B04", {"band_id": "S2L2A:B05", "wavelength": 704.1}])

@@ -1,0 +1,580 @@
+"""LESS ViT: low-rank spatial-spectral attention over one token per band and patch (SPECS T4).
+
+Every band of every patch is a token, so a hyperspectral cube of C bands and N patches gives
+[B, C, N, D]. Full attention over those C*N tokens costs O((CN)^2 D); LESS factorises it into a
+spectral attention over C+1 channel summaries and a spatial attention over N+1 position summaries,
+recombined per head by a Kronecker product, for O(r(C^2 d_c + N^2 d_s)).
+
+Token layout inside the encoder, [B, C+1, N+1, D]:
+  * ``x[:, 1:, 1:]`` the patch tokens, one per (band c, patch n);
+  * ``x[:, 0, 1:]`` the cls channel (row 0): entry n summarises all bands at patch n;
+  * ``x[:, 1:, 0]`` the cls position (column 0): entry c summarises band c over all patches;
+  * ``x[:, 0, 0]`` the global cls, which reaches every token through both branches.
+
+Band identity comes only from the centre wavelength, through the continuous positional-channel
+embedding ``E(c, n) = (PE_2D(pos_n) + PE_1D(lambda_c)) / 2``: any subset and order of bands works,
+and permuting bands permutes the per-band outputs the same way.
+
+Invalid pixels (nodata): the tokenizer zeroes them before projecting, and a (band, patch) token
+whose patch holds no valid pixel is invisible to every other token: it is left out of both
+attention poolings; a band with no valid patch (e.g. EnMAP's water-vapour bands) is left out of
+the spectral attention's keys and of the pooling over bands, and a patch with no valid band out
+of the spatial attention's keys and the pooling over patches. The outputs of all other tokens are
+then those of the same cube without the empty bands (up to float rounding). Masked tokens still get an output
+(a mix of what the valid tokens say), which objectives should ignore.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerScale, Mlp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from eoforge.models.pos_embed import patch_grid, sincos_1d
+from eoforge.models.registry import register_model
+from eoforge.models.vit import LearnedToken
+
+PERCEPTION_RADIUS_M = 640.0
+
+
+@dataclass
+class LessTokens:
+    """Tokens of a hyperspectral batch plus what the encoder needs to mask and attend them.
+
+    The encoder's spatial mask needs each patch's ground position and which tokens hold data,
+    so these travel with the tokens and are gathered together by ``select``.
+
+    Attributes:
+        tokens: [B, C, N, D] patch tokens with E(c, n) added.
+        wavelengths: [B, C] centre wavelengths in nm.
+        positions: [B, N, 2] patch offsets (row, col) on the ground in metres.
+        valid: [B, C, N] True where the band's patch holds at least one valid pixel, or None.
+    """
+
+    tokens: torch.Tensor
+    wavelengths: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor | None = None
+
+    def select(
+        self,
+        keep_channels: torch.Tensor | None = None,
+        keep_positions: torch.Tensor | None = None,
+    ) -> LessTokens:
+        """Keep bands keep_channels [B, Kc] and patches keep_positions [B, Kn] (indices)."""
+        tokens, wavelengths, positions, valid = (
+            self.tokens,
+            self.wavelengths,
+            self.positions,
+            self.valid,
+        )
+        if keep_channels is not None:
+            tokens = _gather(tokens, 1, keep_channels)
+            wavelengths = torch.gather(wavelengths, 1, keep_channels)
+            valid = None if valid is None else _gather(valid, 1, keep_channels)
+        if keep_positions is not None:
+            tokens = _gather(tokens, 2, keep_positions)
+            positions = _gather(positions, 1, keep_positions)
+            valid = None if valid is None else _gather(valid, 2, keep_positions)
+        return LessTokens(tokens, wavelengths, positions, valid)
+
+
+def _gather(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """Gather along ``dim`` with a per-sample index [B, K], broadcast over the other dims."""
+    shape = [1] * x.ndim
+    shape[0], shape[dim] = index.shape
+    index = index.reshape(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1 :])
+    return torch.gather(x, dim, index)
+
+
+def patch_positions(grid_h: int, grid_w: int, spacing_m: torch.Tensor, device=None) -> torch.Tensor:
+    """Ground offsets (row, col) in metres of a grid_h x grid_w patch grid -> [B, N, 2].
+
+    Args:
+        spacing_m: [B] ground distance between neighbouring patches (patch size * GSD).
+    """
+    rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)  # [N]
+    cols = torch.arange(grid_w, device=device).repeat(grid_h)  # [N]
+    grid = torch.stack([rows, cols], dim=-1).to(spacing_m.dtype)  # [N, 2]
+    return grid[None] * spacing_m[:, None, None]  # [B, N, 2]
+
+
+def position_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """PE_2D of ground positions [B, N, 2] in metres -> [B, N, D]: half rows, half columns."""
+    if dim % 4:
+        raise ValueError(f"embedding dim {dim} must be divisible by 4 for 2-D sincos")
+    b, n, _ = positions.shape
+    rows = sincos_1d(positions[..., 0].reshape(-1), dim // 2)  # [B*N, D/2]
+    cols = sincos_1d(positions[..., 1].reshape(-1), dim // 2)  # [B*N, D/2]
+    return torch.cat([rows, cols], dim=1).reshape(b, n, dim)
+
+
+def channel_embedding(wavelengths: torch.Tensor, dim: int) -> torch.Tensor:
+    """PE_1D of centre wavelengths [B, C] in nm -> [B, C, D]."""
+    b, c = wavelengths.shape
+    return sincos_1d(wavelengths.reshape(-1), dim).reshape(b, c, dim)
+
+
+def perception_field(positions: torch.Tensor, radius_m: float) -> torch.Tensor:
+    """Spatial attention mask [B, N+1, N+1]: True where patches lie within radius_m.
+
+    Index 0 is the cls position, which attends to and is attended by every patch, so each row
+    keeps at least one key and the global summary still sees the whole image.
+    """
+    offsets = positions[:, :, None] - positions[:, None, :]  # [B, N, N, 2]
+    near = offsets.square().sum(-1) <= radius_m**2  # [B, N, N]
+    return nn.functional.pad(near, (1, 0, 1, 0), value=True)  # [B, N+1, N+1]
+
+
+class LessPatchEmbed(nn.Module):
+    """Per-band patch embedding: Conv3d(1->2D, (1,p,p), stride (1,p,p)) -> ReLU -> Conv3d(2D->D, 1).
+
+    The same weights embed every band, so band identity must come from the wavelength embedding.
+    """
+
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        kernel = (1, patch_size, patch_size)
+        self.proj = nn.Sequential(
+            nn.Conv3d(1, 2 * embed_dim, kernel, stride=kernel),
+            nn.ReLU(),
+            nn.Conv3d(2 * embed_dim, embed_dim, 1),
+        )
+
+    def forward(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, C, H, W], valid [B, C, H, W] or None -> tokens [B, C, N, D]."""
+        if valid is not None:
+            # Nodata values (e.g. -32768 scaled) would dominate a patch; zero is the mean after
+            # normalisation, so a partly valid patch is embedded as if its gaps were average.
+            images = images.masked_fill(~valid, 0.0)
+        x = self.proj(images[:, None])  # [B, D, C, h, w]
+        return x.flatten(3).permute(0, 2, 3, 1)  # [B, C, N, D]
+
+
+class AttentionPool(nn.Module):
+    """Reduce ``x_r = Linear(D->d)(x)`` and pool it along one axis, queried by the cls entry.
+
+    Over each row (``dim=2``, giving X_C [B, C+1, d]) or column (``dim=1``, X_S [B, N+1, d]):
+    ``X = sum softmax((W_q x_r,cls) . x_r / sqrt(d)) x_r``, the cls itself always among the keys
+    so a row with no valid token pools to its cls. W_q stands for the product of a query and a key
+    projection; without it the cls would score q . q against itself and pool little else.
+
+    The pooling weights sum to 1, so pooling commutes with the affine reduction: the module
+    pools x at width D and reduces the pooled vectors, with scores ``(W_r^T W_q x_r,cls) . x``
+    (the bias term is constant along the softmax and cancels). The result is the same, but
+    x_r [B, C+1, N+1, d] is never built or kept for backward.
+
+    Args:
+        embed_dim: D, the token width.
+        width: d, the reduced width (d_c or d_s).
+        dim: 2 pools over patches, 1 over bands.
+    """
+
+    def __init__(self, embed_dim: int, width: int, dim: int):
+        super().__init__()
+        if dim not in (1, 2):
+            raise ValueError(f"pool over dim 1 (bands) or 2 (patches), not {dim}")
+        self.dim = dim
+        self.reduce = nn.Linear(embed_dim, width)
+        self.query = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C+1, N+1, D], valid [B, C+1, N+1] or None -> [B, C+1, d] or [B, N+1, d]."""
+        if self.dim == 2:
+            score, pool = "bcnd,bcd->bcn", "bcn,bcnd->bcd"
+        else:
+            score, pool = "bcnd,bnd->bcn", "bcn,bcnd->bnd"
+        query = self.query(self.reduce(x.select(self.dim, 0)))  # [B, C+1 or N+1, d]
+        query = query @ self.reduce.weight  # [B, C+1 or N+1, D]: W_r^T W_q x_r,cls
+        scores = torch.einsum(score, x, query) / math.sqrt(self.query.in_features)  # [B, C+1, N+1]
+        if valid is not None:
+            own_cls = torch.zeros(1, dtype=torch.long, device=valid.device)
+            keys = valid.index_fill(self.dim, own_cls, True)  # [B, C+1, N+1]
+            scores = scores.masked_fill(~keys, float("-inf"))
+        return self.reduce(torch.einsum(pool, scores.softmax(self.dim), x))
+
+
+class LowRankAttention(nn.Module):
+    """Multi-head attention of rank r: r query/key projections per head share one value.
+
+    Runs through ``scaled_dot_product_attention`` with the H*r maps as the head axis of a 4-D
+    call, which lets PyTorch pick a fused kernel that never holds the L x L maps (a 5-D call
+    falls back to the math kernel on CPU: 3-4x slower and 30x the memory at N=1024, H=4, r=8).
+
+    Args:
+        dim: width of the pooled sequence (d_c or d_s).
+        num_heads: heads H; dim must divide by H.
+        rank: r, the number of attention maps per head.
+    """
+
+    def __init__(self, dim: int, num_heads: int, rank: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"branch width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.rank = rank
+        self.qk = nn.Linear(dim, 2 * rank * dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, d], mask [B, L or 1, L] (True = attend) or None -> [B, H, r, L, d/H]."""
+        b, length, dim = x.shape
+        heads, rank, head_dim = self.num_heads, self.rank, dim // self.num_heads
+        qk = self.qk(x).reshape(b, length, 2, rank, heads, head_dim)
+        qk = qk.permute(2, 0, 4, 3, 1, 5).reshape(2, b, heads * rank, length, head_dim)
+        q, k = qk.unbind(0)  # each [B, H*r, L, d/H]
+        v = self.v(x).reshape(b, length, heads, head_dim).transpose(1, 2)  # [B, H, L, d/H]
+        v = v[:, :, None].expand(-1, -1, rank, -1, -1).reshape(b, heads * rank, length, head_dim)
+        mask = None if mask is None else mask[:, None]  # [B, 1, L or 1, L]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H*r, L, d/H]
+        return out.reshape(b, heads, rank, length, head_dim)
+
+
+class LessAttention(nn.Module):
+    """LESS attention over [B, C+1, N+1, D] tokens (SPECS "LESS ViT").
+
+    ``x_c = Linear(D->d_c)(x)`` is pooled over patches into X_C [B, C+1, d_c] and
+    ``x_s = Linear(D->d_s)(x)`` over bands into X_S [B, N+1, d_s]; each goes through rank-r
+    multi-head attention, and head h recombines them as
+    ``Y[c, n] = (1/r) sum_r vec((A_C^r V_C)[c] (x) (A_S^r V_S)[n])``, i.e.
+    ``((1/r) sum_r A_C^r (x) A_S^r)(V_C (x) V_S)``. The 1/r (the spec writes a plain sum) keeps that
+    combined attention row-stochastic, so the output scale does not grow with r.
+    Head width is (d_c/H)(d_s/H), so the H heads concatenate back to D.
+
+    Neither x_c, x_s nor Y is ever materialised: the reductions happen after pooling
+    (``AttentionPool``) and the out-projection is contracted with one branch before the
+    recombination (``forward``), which keeps the activations saved for backward small; the
+    result equals the formula above (tests check it against ``torch.kron``).
+
+    Args:
+        dim: token width D.
+        num_heads: H, shared by both branches.
+        k: spectral width per head; d_c = H*k and d_s = (D/d_c)*H.
+        rank: r.
+    """
+
+    def __init__(self, dim: int, num_heads: int, k: int = 2, rank: int = 8, qkv_bias: bool = True):
+        super().__init__()
+        spectral_dim = num_heads * k
+        if dim % spectral_dim:
+            raise ValueError(f"width {dim} must divide by num_heads * k = {spectral_dim}")
+        spatial_dim = dim // spectral_dim * num_heads
+        self.num_heads = num_heads
+        self.rank = rank
+        self.pool_c = AttentionPool(dim, spectral_dim, dim=2)
+        self.pool_s = AttentionPool(dim, spatial_dim, dim=1)
+        self.spectral = LowRankAttention(spectral_dim, num_heads, rank, qkv_bias)
+        self.spatial = LowRankAttention(spatial_dim, num_heads, rank, qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def branches(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        field: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-rank branch outputs A_C^r V_C [B, H, r, C+1, k] and A_S^r V_S [B, H, r, N+1, d_s/H].
+
+        Args:
+            x: [B, C+1, N+1, D] normalised tokens.
+            valid: [B, C+1, N+1] True for tokens holding data, or None: the cls-position column
+                says which bands hold any data, the cls-channel row which patches do.
+            field: [B, N+1, N+1] spatial mask (the perception field), or None.
+        """
+        spectral = self.pool_c(x, valid)  # X_C [B, C+1, d_c]
+        spatial = self.pool_s(x, valid)  # X_S [B, N+1, d_s]
+        channel_keys = position_keys = None
+        if valid is not None:
+            channel_keys = valid[:, None, :, 0]  # [B, 1, C+1]
+            position_keys = valid[:, None, 0, :]  # [B, 1, N+1]
+            field = position_keys if field is None else field & position_keys  # [B, N+1|1, N+1]
+        return self.spectral(spectral, channel_keys), self.spatial(spatial, field)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        field: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, C+1, N+1, D] -> [B, C+1, N+1, D]; masks as in ``branches``."""
+        _, c, n, dim = x.shape
+        spectral, spatial = self.branches(x, valid, field)  # [B, H, r, C+1, k], [B, H, r, N+1, j]
+        heads, rank, k, j = spatial.shape[1], self.rank, spectral.shape[-1], spatial.shape[-1]
+        weight = self.proj.weight.reshape(dim, heads, k, j) / rank  # out-proj over vec(h, i, j)
+        # proj(Y) with Y[c, n] = sum_r vec_h(o_C[c] (x) o_S[n]) is one trilinear contraction.
+        # Projecting the smaller branch first never builds Y or its [B, C+1, N+1, D] copy, and
+        # keeps only [B, H, r, k, N+1, D] (or [B, H, r, j, C+1, D]) for backward.
+        if k * n <= j * c:
+            z = torch.einsum("bhrnj,ohij->bhrino", spatial, weight)  # [B, H, r, k, N+1, D]
+            out = torch.einsum("bhrci,bhrino->bcno", spectral, z)
+        else:
+            z = torch.einsum("bhrci,ohij->bhrjco", spectral, weight)  # [B, H, r, j, C+1, D]
+            out = torch.einsum("bhrnj,bhrjco->bcno", spatial, z)
+        return out + self.proj.bias  # [B, C+1, N+1, D]
+
+
+class LessBlock(nn.Module):
+    """Pre-norm block: x + ls1(LESS attention(norm1(x))), then x + ls2(MLP(norm2(x))) per token."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        k: int = 2,
+        rank: int = 8,
+        mlp_ratio: float = 4.0,
+        layer_scale_init: float = 0.1,
+    ):
+        super().__init__()
+        self.norm1 = _layer_norm(dim)
+        self.attn = LessAttention(dim, num_heads, k, rank)
+        self.ls1 = LayerScale(dim, layer_scale_init)
+        self.norm2 = _layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = LayerScale(dim, layer_scale_init)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        field: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, C+1, N+1, D] -> [B, C+1, N+1, D]; masks as in ``LessAttention.branches``."""
+        x = x + self.ls1(self.attn(self.norm1(x), valid, field))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class LessViT(nn.Module):
+    """LESS ViT encoder for hyperspectral cubes of any band set (SPECS T4 and "LESS ViT").
+
+    Encoder protocol (as ``SpectralViT``, with bands as an axis of their own):
+      ``tokenize(images, band_ids, wavelengths, gsd, valid) -> LessTokens`` ([B, C, N, D] tokens),
+      ``encode(tokens, keep_channels, keep_positions) -> [B, Kc+1, Kn+1, D]``,
+      ``forward_features(...) -> dict`` of global, per-band, per-patch and patch-token features.
+    Objectives (Hyper-MAE) mask bands and patches between the two by index.
+
+    Positional-channel embedding scaling: patch positions enter PE_2D in metres on the ground
+    (grid index * patch size * GSD) and wavelengths enter PE_1D in nm. Both then span roughly
+    10..10^4 units (EnMAP: 240 m between patches of 8 px, 6-10 nm between bands, images of a few
+    km, spectra of 400-2500 nm), which is the range the sincos frequencies 1/10000^(2i/D)
+    resolve, so neither part is a constant nor aliased noise next to the other.
+
+    Args:
+        patch_size: side of a square patch in pixels.
+        embed_dim, depth, num_heads, mlp_ratio: transformer size; embed_dim divisible by 4.
+        k: spectral width per head (d_c = num_heads * k); embed_dim must divide by d_c.
+        rank: r, attention maps per head in each branch.
+        perception_radius_m: spatial attention reaches patches at most this far (metres);
+            None attends everywhere.
+        default_gsd: GSD in metres assumed when ``tokenize`` gets none (EnMAP's 30 m).
+        layer_scale_init: initial layer-scale value.
+        grad_checkpointing: recompute block activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 8,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        k: int = 2,
+        rank: int = 8,
+        perception_radius_m: float | None = PERCEPTION_RADIUS_M,
+        default_gsd: float = 30.0,
+        layer_scale_init: float = 0.1,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if embed_dim % 4:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by 4 for 2-D sincos")
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.perception_radius_m = perception_radius_m
+        self.default_gsd = default_gsd
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = LessPatchEmbed(patch_size, embed_dim)
+        self.global_cls = LearnedToken(embed_dim)
+        self.channel_cls = LearnedToken(embed_dim)  # the cls channel (row 0)
+        self.position_cls = LearnedToken(embed_dim)  # the cls position (column 0)
+        self.blocks = nn.ModuleList(
+            LessBlock(embed_dim, num_heads, k, rank, mlp_ratio, layer_scale_init)
+            for _ in range(depth)
+        )
+        self.norm = _layer_norm(embed_dim)
+        self.apply(_init_weights)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (rows, cols) of an image batch; sides must be multiples of the patch."""
+        return patch_grid(images, self.patch_size)
+
+    def tokenize(
+        self,
+        images: torch.Tensor,
+        band_ids: Sequence[str],
+        wavelengths: torch.Tensor,
+        gsd: float | torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> LessTokens:
+        """Embed every band of every patch and add E(c, n).
+
+        Args:
+            images: [B, C, H, W] normalised.
+            band_ids: C registry keys; only checked against C, as band identity comes from
+                the wavelengths.
+            wavelengths: [C] or [B, C] centre wavelengths in nm.
+            gsd: metres per pixel, a float or [B]; None means ``default_gsd``.
+            valid: [B, C, H, W] bool, False at nodata pixels, or None (all valid).
+
+        Returns:
+            LessTokens with tokens [B, C, N, D].
+        """
+        b, c = images.shape[:2]
+        if len(band_ids) != c or wavelengths.shape[-1] != c:
+            raise ValueError(
+                f"images have {c} bands but {len(band_ids)} band_ids and "
+                f"{wavelengths.shape[-1]} wavelengths were given"
+            )
+        tokens = self.patch_embed(images, valid)  # [B, C, N, D]
+        gsd = self.default_gsd if gsd is None else gsd
+        gsd = torch.as_tensor(gsd, dtype=torch.float64, device=images.device).expand(b)
+        positions = patch_positions(*self.grid(images), gsd * self.patch_size, images.device)
+        wavelengths = wavelengths.to(images.device, torch.float64).expand(b, c)  # [B, C]
+        dtype = tokens.dtype
+        embed = (
+            position_embedding(positions, self.embed_dim).to(dtype)[:, None]  # [B, 1, N, D]
+            + channel_embedding(wavelengths, self.embed_dim).to(dtype)[:, :, None]  # [B, C, 1, D]
+        ) / 2
+        if valid is not None:
+            p = self.patch_size
+            valid = nn.functional.max_pool2d(valid.to(images.dtype), p).flatten(2) > 0  # [B, C, N]
+        return LessTokens(tokens + embed, wavelengths, positions, valid)
+
+    def encode(
+        self,
+        tokens: LessTokens,
+        keep_channels: torch.Tensor | None = None,
+        keep_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Add the cls row/column/corner and run the blocks.
+
+        Args:
+            tokens: from ``tokenize``.
+            keep_channels: [B, Kc] indices of the bands to keep, or None (all).
+            keep_positions: [B, Kn] indices of the patches to keep, or None (all).
+
+        Returns:
+            [B, Kc+1, Kn+1, D] normalised features in the layout of the module docstring.
+        """
+        t = tokens.select(keep_channels, keep_positions)
+        x = t.tokens  # [B, C, N, D]
+        b, c, n, _ = x.shape
+        # The cls channel carries the position half of E and the cls position the band half,
+        # so each summary knows which patch / band it stands for.
+        row = (
+            self.channel_cls(x, n) + position_embedding(t.positions, self.embed_dim).to(x.dtype) / 2
+        )
+        column = (
+            self.position_cls(x, c)
+            + channel_embedding(t.wavelengths, self.embed_dim).to(x.dtype) / 2
+        )
+        top = torch.cat([self.global_cls(x), row], dim=1)  # [B, N+1, D]
+        x = torch.cat([column[:, :, None], x], dim=2)  # [B, C, N+1, D]
+        x = torch.cat([top[:, None], x], dim=1)  # [B, C+1, N+1, D]
+        valid = None if t.valid is None else _with_summaries(t.valid)  # [B, C+1, N+1]
+        field = None
+        if self.perception_radius_m is not None:
+            field = perception_field(t.positions, self.perception_radius_m)  # [B, N+1, N+1]
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, valid, field, use_reentrant=False)
+            else:
+                x = block(x, valid, field)
+        return self.norm(x)
+
+    def forward_features(
+        self,
+        images: torch.Tensor,
+        band_ids: Sequence[str],
+        wavelengths: torch.Tensor,
+        gsd: float | torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode a batch with nothing masked; arguments as in ``tokenize``.
+
+        Returns:
+            ``"cls"`` [B, D] the global cls; ``"channels"`` [B, C, D] one summary per band (the
+            cls-position column); ``"positions"`` [B, N, D] one summary per patch (the
+            cls-channel row); ``"patches"`` [B, C, N, D] the patch tokens.
+        """
+        x = self.encode(self.tokenize(images, band_ids, wavelengths, gsd, valid))
+        return {
+            "cls": x[:, 0, 0],
+            "channels": x[:, 1:, 0],
+            "positions": x[:, 0, 1:],
+            "patches": x[:, 1:, 1:],
+        }
+
+    def forward(self, images, band_ids, wavelengths, gsd=None, valid=None):
+        return self.forward_features(images, band_ids, wavelengths, gsd, valid)
+
+
+def _with_summaries(valid: torch.Tensor) -> torch.Tensor:
+    """Patch validity [B, C, N] -> [B, C+1, N+1]: a band's or patch's cls entry holds data if
+    any of its tokens does; the global cls always does."""
+    per_patch = nn.functional.pad(valid.any(1, keepdim=True), (1, 0), value=True)  # [B, 1, N+1]
+    per_band = torch.cat([valid.any(2, keepdim=True), valid], dim=2)  # [B, C, N+1]
+    return torch.cat([per_patch, per_band], dim=1)
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _less(defaults: dict, kwargs: dict) -> LessViT:
+    return LessViT(**{**defaults, **kwargs})
+
+
+@register_model
+def less_test_patch8(**kwargs) -> LessViT:
+    """A tiny LESS ViT for tests (D=48, H=4, k=2 -> d_c=8, d_s=24, r=2, 2 blocks)."""
+    return _less(dict(embed_dim=48, depth=2, num_heads=4, k=2, rank=2), kwargs)
+
+
+@register_model
+def less_tiny_patch8(**kwargs) -> LessViT:
+    """D=192, H=3, k=2 -> d_c=6, d_s=96; r=8, 12 blocks."""
+    return _less(dict(embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model
+def less_small_patch8(**kwargs) -> LessViT:
+    """D=384, H=6, k=2 -> d_c=12, d_s=192; r=8, 12 blocks."""
+    return _less(dict(embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model
+def less_base_patch8(**kwargs) -> LessViT:
+    """The published default: D=768, H=12, k=2 -> d_c=24, d_s=384; r=8, 12 blocks."""
+    return _less(dict(embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register_model
+def less_large_patch8(**kwargs) -> LessViT:
+    """D=1024, H=16, k=2 -> d_c=32, d_s=512; r=8, 24 blocks, layer scale from 1e-5 (CaiT, deep)."""
+    return _less(dict(embed_dim=1024, depth=24, num_heads=16, layer_scale_init=1e-5), kwargs)
