@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from eoforge.models.pos_embed import patch_grid, sincos_1d
 from eoforge.models.registry import register_model
-from eoforge.models.vit import LearnedToken
+from eoforge.models.vit import LearnedToken, init_weights
 
 PERCEPTION_RADIUS_M = 640.0
 
@@ -410,7 +410,7 @@ class LessViT(nn.Module):
             for _ in range(depth)
         )
         self.norm = _layer_norm(embed_dim)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid (rows, cols) of an image batch; sides must be multiples of the patch."""
@@ -537,13 +537,6 @@ def _with_summaries(valid: torch.Tensor) -> torch.Tensor:
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6)
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def _less(defaults: dict, kwargs: dict) -> LessViT:

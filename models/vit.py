@@ -88,7 +88,7 @@ class SpectralViT(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         # Built after the trunk's init so each tokenizer keeps its own initialisation.
         self.patch_embed = build_tokenizer(
             tokenizer, patch_size, embed_dim, **(tokenizer_kwargs or {})
@@ -161,7 +161,8 @@ class LearnedToken(nn.Module):
         return self.token.to(like.dtype).expand(like.shape[0], length, -1)
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
+    """Transformer init (``module.apply``): Xavier-uniform linear weights, zero biases, unit norms."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:

@@ -38,7 +38,7 @@ def resolve_shard_dirs(cfg: DataConfig) -> list[Path]:
     return [Path(s) for s in cfg.shards]
 
 
-def make_demo_shards(progress: bool = True) -> list[Path]:
+def make_demo_shards(progress: bool = True) -> None:
     """Synthetic S2 L2A, S1 GRD and EnMAP GeoTIFFs -> shards + stats, once per cache."""
     root = demo_root()
     done = root / "shards" / "complete"
@@ -60,7 +60,6 @@ def make_demo_shards(progress: bool = True) -> list[Path]:
                 )
                 compute_stats(out, progress=progress)
         done.write_text("ok\n")
-    return [root / "shards" / sensor for sensor in DEMO_SENSORS]
 
 
 def prepare_shards(cfg: DataConfig, is_main: bool) -> list[Path]:
