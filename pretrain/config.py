@@ -34,12 +34,12 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """One objective (``name`` + its constructor options ``kwargs``), or a weighted sum of
+    ``terms``, each ``{name, weight, kwargs}``, over one shared encoder (pretrain/objectives.py)."""
+
     name: str = "mae"
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix: bool = True
+    kwargs: dict = field(default_factory=dict)
+    terms: list = field(default_factory=list)
 
 
 @dataclass
@@ -96,8 +96,6 @@ class PretrainConfig:
             )
         if not self.data.demo and not self.data.shards:
             raise ValueError("data.shards is empty: name shard folders (or set data.demo=true)")
-        if not 0 < self.objective.mask_ratio < 1:
-            raise ValueError(f"objective.mask_ratio={self.objective.mask_ratio}: must be in (0, 1)")
         for key in ("steps", "log_every", "image_every", "save_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")

@@ -63,6 +63,8 @@ class MAE(nn.Module):
         norm_pix: bool = True,
     ):
         super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio={mask_ratio}: must be in (0, 1)")
         if not isinstance(getattr(encoder, "patch_embed", None), SpectrumAwarePatchEmbed):
             raise ValueError(
                 "MAE predicts each band through the spectral tokenizer's per-range heads; build the "

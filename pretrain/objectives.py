@@ -1,27 +1,137 @@
-"""Objective factory: the config's ``objective.name`` -> an objective module around the encoder.
+"""Objective registry and composition: the config's ``objective`` -> one module around the encoder.
 
-An objective is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": ..., other scalars}``
-and owns its masking, targets and decoder.
+An objective is an ``nn.Module`` built as ``Objective(encoder, **kwargs)`` whose
+``forward(batch, preview=False)`` returns ``{"loss": scalar, other detached scalars}`` and owns its
+masking, targets, decoders and heads. With ``preview=True`` it returns reconstruction images
+(``{sensor: {"input", "masked", "reconstruction", "band_ids", "wavelengths"}}``) or ``{}`` when it
+has none. An objective with a schedule defines ``set_progress(fraction)``; the loop calls it with
+step / total steps before every step.
+
+Several objectives compose as a weighted sum over one shared encoder (``Composite``): each term keeps
+its own decoders and heads, the encoder's parameters receive the summed gradient.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
+import torch
 from torch import nn
 
 from eoforge.pretrain.config import ObjectiveConfig
-from eoforge.pretrain.mae import MAE
 
-OBJECTIVES = {"mae": MAE}
+# name -> "module:Class", imported on first use so a run loads only the objectives it trains.
+OBJECTIVES = {
+    "mae": "eoforge.pretrain.mae:MAE",
+    "selective_mae": "eoforge.pretrain.selective_mae:SelectiveMAE",
+    "hyper_mae": "eoforge.pretrain.hyper_mae:HyperMAE",
+    "multiscale_mae": "eoforge.pretrain.multiscale:MultiScaleMAE",
+    "croma": "eoforge.pretrain.croma:CROMA",
+    "seasonal_contrast": "eoforge.pretrain.seasonal:SeasonalContrast",
+    "mixup_mae": "eoforge.pretrain.mixup:MixupMAE",
+}
+
+
+def objective_class(name: str) -> type[nn.Module]:
+    """The class registered under ``name``; an unknown name is an error listing the known ones."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective {name!r}: known objectives are {sorted(OBJECTIVES)}")
+    module, cls = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_kwargs(name: str, kwargs: dict, key: str) -> None:
+    """Fail before training starts when ``kwargs`` names an option the objective does not take."""
+    params = inspect.signature(objective_class(name).__init__).parameters
+    accepted = [p for p in params if p not in ("self", "encoder")]
+    for option in kwargs:
+        if option not in accepted:
+            raise ValueError(f"{key}.{option}: objective {name!r} takes {sorted(accepted)}")
+
+
+def terms_of(cfg: ObjectiveConfig) -> list[tuple[str, float, dict, str]]:
+    """(name, weight, kwargs, config key) per term: ``cfg.terms`` if given, else ``cfg`` itself."""
+    if not cfg.terms:
+        return [(cfg.name, 1.0, dict(cfg.kwargs), "objective.kwargs")]
+    terms = []
+    for i, term in enumerate(cfg.terms):
+        key = f"objective.terms[{i}]"
+        unknown = set(term) - {"name", "weight", "kwargs"}
+        if unknown or "name" not in term:
+            raise ValueError(f"{key}: a term is {{name, weight, kwargs}}; got keys {sorted(term)}")
+        terms.append(
+            (
+                term["name"],
+                float(term.get("weight", 1.0)),
+                dict(term.get("kwargs") or {}),
+                f"{key}.kwargs",
+            )
+        )
+    return terms
+
+
+def validate_objective(cfg: ObjectiveConfig) -> None:
+    """Names and options of every term are known (runs before any process group starts)."""
+    for name, weight, kwargs, key in terms_of(cfg):
+        check_kwargs(name, kwargs, key)
+        if weight <= 0:
+            raise ValueError(f"{key.removesuffix('.kwargs')}.weight={weight}: must be > 0")
 
 
 def build_objective(cfg: ObjectiveConfig, encoder: nn.Module) -> nn.Module:
-    if cfg.name not in OBJECTIVES:
-        raise ValueError(f"objective.name={cfg.name!r}: known objectives are {sorted(OBJECTIVES)}")
-    return OBJECTIVES[cfg.name](
-        encoder,
-        mask_ratio=cfg.mask_ratio,
-        decoder_dim=cfg.decoder_dim,
-        decoder_depth=cfg.decoder_depth,
-        decoder_heads=cfg.decoder_heads,
-        norm_pix=cfg.norm_pix,
+    """The configured objective, or a ``Composite`` of weighted terms sharing ``encoder``."""
+    validate_objective(cfg)
+    terms = terms_of(cfg)
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        name, _, kwargs, _ = terms[0]
+        return objective_class(name)(encoder, **kwargs)
+    return Composite(
+        {
+            name: (weight, objective_class(name)(encoder, **kwargs))
+            for name, weight, kwargs, _ in terms
+        }
     )
+
+
+class Composite(nn.Module):
+    """Weighted sum of objectives over one shared encoder.
+
+    ``loss = sum_i w_i * loss_i``; each term's scalars are reported as ``<term>/<scalar>``. The
+    terms are registered under their names, so the encoder's parameters appear once in
+    ``parameters()`` (module deduplication) and gather once under ZeRO-3.
+
+    Args:
+        terms: {name: (weight, objective)}, all built around the same encoder.
+    """
+
+    name = "composite"
+
+    def __init__(self, terms: dict[str, tuple[float, nn.Module]]):
+        super().__init__()
+        encoders = {id(getattr(obj, "encoder", None)) for _, obj in terms.values()}
+        if len(encoders) != 1:
+            raise ValueError("composed objectives must share one encoder")
+        self.weights = {name: weight for name, (weight, _) in terms.items()}
+        self.terms = nn.ModuleDict({name: obj for name, (_, obj) in terms.items()})
+        self.encoder = next(iter(self.terms.values())).encoder
+
+    def set_progress(self, fraction: float) -> None:
+        for term in self.terms.values():
+            if hasattr(term, "set_progress"):
+                term.set_progress(fraction)
+
+    def forward(self, batch: dict, preview: bool = False) -> dict:
+        if preview:
+            for term in self.terms.values():
+                images = term(batch, preview=True)
+                if images:
+                    return images
+            return {}
+        out, total = {}, []
+        for name, term in self.terms.items():
+            losses = term(batch)
+            total.append(self.weights[name] * losses["loss"])
+            out.update({f"{name}/{k}": v.detach() for k, v in losses.items()})
+        out["loss"] = torch.stack(total).sum()
+        return out

@@ -24,7 +24,7 @@ from eoforge.launch.rundir import RunDir
 from eoforge.models import create_model
 from eoforge.pretrain.config import PretrainConfig
 from eoforge.pretrain.data import build_stream, prepare_shards
-from eoforge.pretrain.objectives import build_objective
+from eoforge.pretrain.objectives import build_objective, validate_objective
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
@@ -64,6 +64,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining as configured; returns the run directory."""
     dist_env = detect_env()
     cfg.validate(dist_env.world_size)
+    validate_objective(cfg.objective)
     run = RunDir(cfg.run_dir)
     log = get_logger(None, dist_env.rank)
     if run.finished and not cfg.new_run:
@@ -116,6 +117,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             torch.manual_seed(step_seed(cfg.seed, step, dist_env.rank))
             lr = lr_at(step, peak_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr)
             engine.set_lr(lr)
+            if hasattr(objective, "set_progress"):
+                objective.set_progress(step / cfg.steps)
             losses = engine(batch)
             engine.backward_step(losses["loss"])
             step += 1
