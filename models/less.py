@@ -304,20 +304,71 @@ class LessAttention(nn.Module):
         field: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, C+1, N+1, D] -> [B, C+1, N+1, D]; masks as in ``branches``."""
-        _, c, n, dim = x.shape
+        dim = x.shape[-1]
         spectral, spatial = self.branches(x, valid, field)  # [B, H, r, C+1, k], [B, H, r, N+1, j]
-        heads, rank, k, j = spatial.shape[1], self.rank, spectral.shape[-1], spatial.shape[-1]
-        weight = self.proj.weight.reshape(dim, heads, k, j) / rank  # out-proj over vec(h, i, j)
-        # proj(Y) with Y[c, n] = sum_r vec_h(o_C[c] (x) o_S[n]) is one trilinear contraction.
-        # Projecting the smaller branch first never builds Y or its [B, C+1, N+1, D] copy, and
-        # keeps only [B, H, r, k, N+1, D] (or [B, H, r, j, C+1, D]) for backward.
-        if k * n <= j * c:
-            z = torch.einsum("bhrnj,ohij->bhrino", spatial, weight)  # [B, H, r, k, N+1, D]
-            out = torch.einsum("bhrci,bhrino->bcno", spectral, z)
-        else:
-            z = torch.einsum("bhrci,ohij->bhrjco", spectral, weight)  # [B, H, r, j, C+1, D]
-            out = torch.einsum("bhrnj,bhrjco->bcno", spatial, z)
-        return out + self.proj.bias  # [B, C+1, N+1, D]
+        heads, k, j = spatial.shape[1], spectral.shape[-1], spatial.shape[-1]
+        weight = (
+            self.proj.weight.reshape(dim, heads, k, j) / self.rank
+        )  # out-proj over vec(h, i, j)
+        return Recombine.apply(spectral, spatial, weight) + self.proj.bias  # [B, C+1, N+1, D]
+
+
+class Recombine(torch.autograd.Function):
+    """``out[b,c,n,o] = sum_{h,r,i,j} S[b,h,r,c,i] P[b,h,r,n,j] W[o,h,i,j]``: the out-projection of
+    the per-head Kronecker recombination, as one trilinear contraction.
+
+    Y (the recombined [B, C+1, N+1, D] tokens before the out-projection) is never built. The
+    spatial branch is contracted with W first, ``z[b,h,r,i,n,o] = sum_j P W``, because the spectral
+    width k is the smallest index (k = 2 against j = D/(H k)): the big contraction over (h, r, i)
+    then costs C N D H r k, j/k times less than contracting the spectral branch first. z is as
+    large as H r k / (C+1) token tensors, so it is not kept for backward but rebuilt there from the
+    small S, P and W; backward is two batched matmuls of the forward's size plus z's.
+    """
+
+    @staticmethod
+    def forward(ctx, spectral, spatial, weight):
+        """spectral S [B, H, r, C+1, k], spatial P [B, H, r, N+1, j], weight W [D, H, k, j]."""
+        ctx.save_for_backward(spectral, spatial, weight)
+        z = _spatial_with_weight(spatial, weight)  # [B, H*r*k, (N+1)*D]
+        b, heads, rank, c, k = spectral.shape
+        s = spectral.permute(0, 3, 1, 2, 4).reshape(b, c, heads * rank * k)  # [B, C+1, H*r*k]
+        return (s @ z).reshape(b, c, spatial.shape[3], weight.shape[0])  # [B, C+1, N+1, D]
+
+    @staticmethod
+    def backward(ctx, grad):
+        spectral, spatial, weight = ctx.saved_tensors
+        b, heads, rank, c, k = spectral.shape
+        with torch.enable_grad():
+            spatial_ = spatial.detach().requires_grad_(ctx.needs_input_grad[1])
+            weight_ = weight.detach().requires_grad_(ctx.needs_input_grad[2])
+            z = _spatial_with_weight(spatial_, weight_)  # [B, H*r*k, (N+1)*D]
+        s = spectral.permute(0, 3, 1, 2, 4).reshape(b, c, heads * rank * k)  # [B, C+1, H*r*k]
+        g = grad.reshape(b, c, -1)  # [B, C+1, (N+1)*D]
+        grad_spectral = grad_spatial = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_s = g @ z.detach().transpose(1, 2)  # [B, C+1, H*r*k]
+            grad_spectral = grad_s.reshape(b, c, heads, rank, k).permute(0, 2, 3, 1, 4)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_z = s.transpose(1, 2) @ g  # [B, H*r*k, (N+1)*D]
+            wanted = [
+                t
+                for t, need in (
+                    (spatial_, ctx.needs_input_grad[1]),
+                    (weight_, ctx.needs_input_grad[2]),
+                )
+                if need
+            ]
+            grads = iter(torch.autograd.grad(z, wanted, grad_z))
+            grad_spatial = next(grads) if ctx.needs_input_grad[1] else None
+            grad_weight = next(grads) if ctx.needs_input_grad[2] else None
+        return grad_spectral, grad_spatial, grad_weight
+
+
+def _spatial_with_weight(spatial: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """P [B, H, r, N+1, j], W [D, H, k, j] -> z [B, H*r*k, (N+1)*D], z[h,r,i,n,o] = sum_j P W."""
+    b, heads, rank, n, _ = spatial.shape
+    z = torch.einsum("bhrnj,ohij->bhrino", spatial, weight)  # [B, H, r, k, N+1, D]
+    return z.reshape(b, heads * rank * weight.shape[2], n * weight.shape[0])
 
 
 class LessBlock(nn.Module):
