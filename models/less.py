@@ -26,6 +26,7 @@ then those of the same cube without the empty bands (up to float rounding). Mask
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,12 +56,20 @@ class LessTokens:
         wavelengths: [B, C] centre wavelengths in nm.
         positions: [B, N, 2] patch offsets (row, col) on the ground in metres.
         valid: [B, C, N] True where the band's patch holds at least one valid pixel, or None.
+        grid: (grid_h, grid_w) while the patches are the whole grid in row-major order; None
+            once patches were selected.
+        spacing_m: [B] ground distance between neighbouring patches, with ``grid``.
+        min_spacing_m: the smallest of ``spacing_m`` as a Python float (sizes the window without
+            reading the device), with ``grid``.
     """
 
     tokens: torch.Tensor
     wavelengths: torch.Tensor
     positions: torch.Tensor
     valid: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    spacing_m: torch.Tensor | None = None
+    min_spacing_m: float | None = None
 
     def select(
         self,
@@ -78,10 +87,12 @@ class LessTokens:
             tokens = _gather(tokens, 1, keep_channels)
             wavelengths = torch.gather(wavelengths, 1, keep_channels)
             valid = None if valid is None else _gather(valid, 1, keep_channels)
-        if keep_positions is not None:
-            tokens = _gather(tokens, 2, keep_positions)
-            positions = _gather(positions, 1, keep_positions)
-            valid = None if valid is None else _gather(valid, 2, keep_positions)
+        if keep_positions is None:
+            grid = (self.grid, self.spacing_m, self.min_spacing_m)
+            return LessTokens(tokens, wavelengths, positions, valid, *grid)
+        tokens = _gather(tokens, 2, keep_positions)
+        positions = _gather(positions, 1, keep_positions)
+        valid = None if valid is None else _gather(valid, 2, keep_positions)
         return LessTokens(tokens, wavelengths, positions, valid)
 
 
@@ -130,6 +141,106 @@ def perception_field(positions: torch.Tensor, radius_m: float) -> torch.Tensor:
     offsets = positions[:, :, None] - positions[:, None, :]  # [B, N, N, 2]
     near = offsets.square().sum(-1) <= radius_m**2  # [B, N, N]
     return nn.functional.pad(near, (1, 0, 1, 0), value=True)  # [B, N+1, N+1]
+
+
+@dataclass
+class GridField:
+    """The perception field of a whole patch grid as window offsets, not an [N+1, N+1] mask.
+
+    Patch n attends the cls position and the patches n + (dy, dx) for the ``offsets`` its sample
+    ``allows`` (within the radius at that sample's patch spacing); the cls position attends every
+    key. This is ``perception_field`` on the same grid (tests check it), in O(N K) time and memory
+    for K offsets instead of O(N^2): spatial attention then grows linearly with the image.
+
+    Attributes:
+        grid: (grid_h, grid_w).
+        offsets: K (dy, dx) patch offsets, (0, 0) included.
+        allowed: [B, K] True where the offset lies within the radius for that sample.
+        keys: [B, N+1] key validity (patches holding data), or None for all.
+    """
+
+    grid: tuple[int, int]
+    offsets: list[tuple[int, int]]
+    allowed: torch.Tensor
+    keys: torch.Tensor | None = None
+
+    @property
+    def reach(self) -> int:
+        return max(max(abs(dy), abs(dx)) for dy, dx in self.offsets)
+
+
+def grid_field(
+    grid: tuple[int, int],
+    spacing_m: torch.Tensor,
+    radius_m: float,
+    min_spacing_m: float | None = None,
+) -> GridField:
+    """The ``GridField`` of a grid_h x grid_w patch grid at patch spacing spacing_m [B] metres.
+
+    ``min_spacing_m`` (the smallest spacing, read from ``spacing_m`` if not given) bounds the
+    window; each sample's own spacing decides which offsets it allows.
+    """
+    grid_h, grid_w = grid
+    min_spacing_m = float(spacing_m.min()) if min_spacing_m is None else min_spacing_m
+    reach = int(radius_m // min_spacing_m)
+    reach_h, reach_w = min(reach, grid_h - 1), min(reach, grid_w - 1)
+    offsets = [
+        (dy, dx)
+        for dy in range(-reach_h, reach_h + 1)
+        for dx in range(-reach_w, reach_w + 1)
+        if (dy * dy + dx * dx) * min_spacing_m**2 <= radius_m**2
+    ]
+    steps = torch.tensor(offsets, dtype=spacing_m.dtype, device=spacing_m.device)  # [K, 2]
+    # The same arithmetic as perception_field: squared ground distance against radius^2.
+    ground = steps[None] * spacing_m[:, None, None]  # [B, K, 2]
+    allowed = ground.square().sum(-1) <= radius_m**2  # [B, K]
+    return GridField(grid, offsets, allowed)
+
+
+def grid_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, field: GridField
+) -> torch.Tensor:
+    """Attention within a ``GridField``, one window offset at a time.
+
+    Args:
+        q, k: [B, H, r, N+1, d] (index 0 the cls position, then the patches row-major).
+        v: [B, H, 1, N+1, d], shared by the r maps of a head.
+
+    Returns:
+        [B, H, r, N+1, d].
+    """
+    b, heads, rank, _, d = q.shape
+    grid_h, grid_w = field.grid
+    reach, scale = field.reach, d**-0.5
+    keys = field.keys  # [B, N+1] or None
+    # The cls query attends every key.
+    cls_scores = (q[..., :1, :] @ k.transpose(-1, -2)) * scale  # [B, H, r, 1, N+1]
+    if keys is not None:
+        cls_scores = cls_scores.masked_fill(~keys[:, None, None, None], float("-inf"))
+    cls_out = cls_scores.softmax(-1) @ v  # [B, H, r, 1, d]
+
+    pad = (0, 0, reach, reach, reach, reach)
+    qp = q[..., 1:, :].reshape(b, heads, rank, grid_h, grid_w, d)
+    kp = F.pad(k[..., 1:, :].reshape(b, heads, rank, grid_h, grid_w, d), pad)
+    vp = F.pad(v[..., 1:, :].reshape(b, heads, 1, grid_h, grid_w, d), pad)
+    inside = torch.ones(b, grid_h, grid_w, dtype=torch.bool, device=q.device)
+    if keys is not None:
+        inside = keys[:, 1:].reshape(b, grid_h, grid_w)
+    inside = F.pad(inside, (reach, reach, reach, reach), value=False)  # [B, gh+2R, gw+2R]
+    windows = [
+        (slice(reach + dy, reach + dy + grid_h), slice(reach + dx, reach + dx + grid_w))
+        for dy, dx in field.offsets
+    ]
+    scores = [(qp * k[..., :1, None, :]).sum(-1)]  # the cls key: [B, H, r, gh, gw]
+    for i, (rows, cols) in enumerate(windows):
+        score = (qp * kp[..., rows, cols, :]).sum(-1)  # [B, H, r, gh, gw]
+        near = inside[:, rows, cols] & field.allowed[:, i, None, None]  # [B, gh, gw]
+        scores.append(score.masked_fill(~near[:, None, None], float("-inf")))
+    weights = (torch.stack(scores, -1) * scale).softmax(-1)  # [B, H, r, gh, gw, K+1]
+    out = weights[..., :1] * v[..., :1, None, :]  # [B, H, r, gh, gw, d]
+    for i, (rows, cols) in enumerate(windows):
+        out = out + weights[..., i + 1, None] * vp[..., rows, cols, :]
+    return torch.cat([cls_out, out.reshape(b, heads, rank, grid_h * grid_w, d)], dim=3)
 
 
 class LessPatchEmbed(nn.Module):
@@ -223,11 +334,18 @@ class LowRankAttention(nn.Module):
         self.qk = nn.Linear(dim, 2 * rank * dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, d], mask [B, L or 1, L] (True = attend) or None -> [B, H, r, L, d/H]."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | GridField | None = None
+    ) -> torch.Tensor:
+        """x [B, L, d], mask [B, L or 1, L] (True = attend), a GridField, or None
+        -> [B, H, r, L, d/H]."""
         b, length, dim = x.shape
         heads, rank, head_dim = self.num_heads, self.rank, dim // self.num_heads
         qk = self.qk(x).reshape(b, length, 2, rank, heads, head_dim)
+        if isinstance(mask, GridField):
+            q, k = qk.permute(2, 0, 4, 3, 1, 5).unbind(0)  # each [B, H, r, L, d/H]
+            v = self.v(x).reshape(b, length, heads, head_dim).transpose(1, 2)[:, :, None]
+            return grid_attention(q, k, v, mask)
         qk = qk.permute(2, 0, 4, 3, 1, 5).reshape(2, b, heads * rank, length, head_dim)
         q, k = qk.unbind(0)  # each [B, H*r, L, d/H]
         v = self.v(x).reshape(b, length, heads, head_dim).transpose(1, 2)  # [B, H, L, d/H]
@@ -278,7 +396,7 @@ class LessAttention(nn.Module):
         self,
         x: torch.Tensor,
         valid: torch.Tensor | None = None,
-        field: torch.Tensor | None = None,
+        field: torch.Tensor | GridField | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-rank branch outputs A_C^r V_C [B, H, r, C+1, k] and A_S^r V_S [B, H, r, N+1, d_s/H].
 
@@ -286,7 +404,7 @@ class LessAttention(nn.Module):
             x: [B, C+1, N+1, D] normalised tokens.
             valid: [B, C+1, N+1] True for tokens holding data, or None: the cls-position column
                 says which bands hold any data, the cls-channel row which patches do.
-            field: [B, N+1, N+1] spatial mask (the perception field), or None.
+            field: [B, N+1, N+1] spatial mask (the perception field), its ``GridField``, or None.
         """
         spectral = self.pool_c(x, valid)  # X_C [B, C+1, d_c]
         spatial = self.pool_s(x, valid)  # X_S [B, N+1, d_s]
@@ -294,14 +412,17 @@ class LessAttention(nn.Module):
         if valid is not None:
             channel_keys = valid[:, None, :, 0]  # [B, 1, C+1]
             position_keys = valid[:, None, 0, :]  # [B, 1, N+1]
-            field = position_keys if field is None else field & position_keys  # [B, N+1|1, N+1]
+            if isinstance(field, GridField):
+                field = dataclasses.replace(field, keys=position_keys[:, 0])  # [B, N+1]
+            else:
+                field = position_keys if field is None else field & position_keys  # [B, N+1|1, N+1]
         return self.spectral(spectral, channel_keys), self.spatial(spatial, field)
 
     def forward(
         self,
         x: torch.Tensor,
         valid: torch.Tensor | None = None,
-        field: torch.Tensor | None = None,
+        field: torch.Tensor | GridField | None = None,
     ) -> torch.Tensor:
         """x [B, C+1, N+1, D] -> [B, C+1, N+1, D]; masks as in ``branches``."""
         dim = x.shape[-1]
@@ -395,7 +516,7 @@ class LessBlock(nn.Module):
         self,
         x: torch.Tensor,
         valid: torch.Tensor | None = None,
-        field: torch.Tensor | None = None,
+        field: torch.Tensor | GridField | None = None,
     ) -> torch.Tensor:
         """x [B, C+1, N+1, D] -> [B, C+1, N+1, D]; masks as in ``LessAttention.branches``."""
         x = x + self.ls1(self.attn(self.norm1(x), valid, field))
@@ -495,9 +616,10 @@ class LessViT(nn.Module):
                 f"{wavelengths.shape[-1]} wavelengths were given"
             )
         tokens = self.patch_embed(images, valid)  # [B, C, N, D]
-        gsd = self.default_gsd if gsd is None else gsd
+        gsd = gsd_host = self.default_gsd if gsd is None else gsd
         gsd = torch.as_tensor(gsd, dtype=torch.float64, device=images.device).expand(b)
-        positions = patch_positions(*self.grid(images), gsd * self.patch_size, images.device)
+        spacing = gsd * self.patch_size  # [B]
+        positions = patch_positions(*self.grid(images), spacing, images.device)  # [B, N, 2]
         wavelengths = wavelengths.to(images.device, torch.float64).expand(b, c)  # [B, C]
         dtype = tokens.dtype
         embed = (
@@ -507,7 +629,11 @@ class LessViT(nn.Module):
         if valid is not None:
             p = self.patch_size
             valid = nn.functional.max_pool2d(valid.to(images.dtype), p).flatten(2) > 0  # [B, C, N]
-        return LessTokens(tokens + embed, wavelengths, positions, valid)
+        min_spacing = _host_min(gsd_host) * self.patch_size
+        if math.isnan(min_spacing):  # a meta tensor holds no values: use the dense mask
+            return LessTokens(tokens + embed, wavelengths, positions, valid)
+        grid = (self.grid(images), spacing, min_spacing)
+        return LessTokens(tokens + embed, wavelengths, positions, valid, *grid)
 
     def encode(
         self,
@@ -542,7 +668,10 @@ class LessViT(nn.Module):
         x = torch.cat([top[:, None], x], dim=1)  # [B, C+1, N+1, D]
         valid = None if t.valid is None else _with_summaries(t.valid)  # [B, C+1, N+1]
         field = None
-        if self.perception_radius_m is not None:
+        if self.perception_radius_m is not None and t.grid is not None:
+            # The whole grid: a window per patch, O(N K).
+            field = grid_field(t.grid, t.spacing_m, self.perception_radius_m, t.min_spacing_m)
+        elif self.perception_radius_m is not None:
             field = perception_field(t.positions, self.perception_radius_m)  # [B, N+1, N+1]
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -576,6 +705,14 @@ class LessViT(nn.Module):
 
     def forward(self, images, band_ids, wavelengths, gsd=None, valid=None):
         return self.forward_features(images, band_ids, wavelengths, gsd, valid)
+
+
+def _host_min(gsd: float | torch.Tensor) -> float:
+    """The smallest GSD as a Python float; NaN for a meta tensor. Batches carry gsd on the host
+    (the data layer makes it); one already on an accelerator costs one synchronisation here."""
+    if not torch.is_tensor(gsd):
+        return float(gsd)
+    return float("nan") if gsd.is_meta else float(gsd.min())
 
 
 def _with_summaries(valid: torch.Tensor) -> torch.Tensor:

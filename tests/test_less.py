@@ -3,6 +3,7 @@ band order is only a permutation, and the encoder runs on real EnMAP cubes with 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -241,5 +242,42 @@ def test_benchmark_smoke(tmp_path):
         cell["less"]["time_s"] > 0 and cell["less"]["peak_bytes"] > 0 and cell["full"]["time_s"] > 0
         for cell in result["cells"]
     )
+    flops = {(cell["C"], cell["N"]): cell["less"]["flops"] for cell in result["cells"]}
+    assert flops[(6, 16)] > flops[(3, 16)] > flops[(3, 4)] > 0
+    assert {"linear_pass", "leaner_pass", "faster_pass"} <= set(result["gate"])
     assert (tmp_path / "less_attention.md").read_text().count("|") > 10
     assert (tmp_path / "less_attention.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_grid_field_equals_the_dense_perception_field(with_valid):
+    """Window offsets on the whole grid give the dense [N+1, N+1] mask's attention, per sample."""
+    torch.manual_seed(0)
+    grid_h, grid_w, p = 6, 7, 8
+    spacing = torch.tensor([30.0, 10.0], dtype=torch.float64) * p  # 240 m and 80 m
+    dense = less.perception_field(less.patch_positions(grid_h, grid_w, spacing), 640.0)
+    local = less.grid_field((grid_h, grid_w), spacing, 640.0)
+    attn = less.LessAttention(dim=16, num_heads=2, k=2, rank=3).double()
+    x = torch.randn(2, 4, grid_h * grid_w + 1, 16, dtype=torch.float64)
+    valid = None
+    if with_valid:
+        valid = torch.rand(2, 3, grid_h * grid_w) > 0.3  # [B, C, N], some patches empty
+        valid[:, :, 5] = False
+        valid = less._with_summaries(valid)
+    torch.testing.assert_close(attn(x, valid, local), attn(x, valid, dense))
+    assert local.allowed[0].sum() < local.allowed[1].sum()  # 240 m patches reach fewer offsets
+
+
+def test_encoder_uses_the_grid_field_on_whole_grids_only(model):
+    """Encoding all patches goes through the GridField; a position subset through the dense mask;
+    both agree with the dense path on the same tokens."""
+    ids, wl = _bands(5)
+    images = torch.randn(2, 5, 48, 48)
+    tokens = model.tokenize(images, ids, wl, gsd=10.0)
+    assert tokens.grid == (6, 6)
+    full = model.encode(tokens)
+    dense_tokens = dataclasses.replace(tokens, grid=None)  # forces the dense mask
+    torch.testing.assert_close(full, model.encode(dense_tokens), atol=1e-5, rtol=1e-4)
+    keep = torch.tensor([[0, 3, 9, 20], [1, 2, 30, 35]])
+    assert tokens.select(keep_positions=keep).grid is None
+    assert tokens.select(keep_channels=torch.tensor([[0, 2], [1, 4]])).grid == (6, 6)
