@@ -13,6 +13,7 @@ from eoforge.launch.rundir import RunDir
 from eoforge.models.release import save_release
 from eoforge.pretrain.config import PretrainConfig
 from eoforge.pretrain.data import resolve_shard_dirs
+from eoforge.pretrain.objectives import objective_label
 
 ENCODER_PREFIX = "encoder."
 
@@ -72,12 +73,13 @@ def build_release(run_dir: str | Path, out: str | Path | None = None) -> Path:
     state, step = consolidated_encoder_state(run.checkpoints)
     bands, normalisation, gsd, data = band_card(resolve_shard_dirs(cfg.data))
     card = {
-        "name": cfg.release.name or f"{cfg.model.name}-{cfg.objective.name}-{run.path.name}",
+        "name": cfg.release.name
+        or f"{cfg.model.name}-{objective_label(cfg.objective)}-{run.path.name}",
         "licence": cfg.release.licence,
         "bands": bands,
         "normalisation": normalisation,
         "gsd": gsd,
-        "objective": asdict(cfg.objective),
+        "objective": {"label": objective_label(cfg.objective), **asdict(cfg.objective)},
         "data": data,
         "steps": step,
         "run": {"seed": cfg.seed, "global_steps": cfg.steps, "zero_stage": cfg.engine.zero_stage},

@@ -71,6 +71,11 @@ def terms_of(cfg: ObjectiveConfig) -> list[tuple[str, float, dict, str]]:
     return terms
 
 
+def objective_label(cfg: ObjectiveConfig) -> str:
+    """A short name for run and release names: ``mae``, or ``mae+croma`` for a composition."""
+    return "+".join(name for name, *_ in terms_of(cfg))
+
+
 def validate_objective(cfg: ObjectiveConfig) -> None:
     """Names and options of every term are known (runs before any process group starts)."""
     for name, weight, kwargs, key in terms_of(cfg):

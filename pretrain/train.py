@@ -24,7 +24,7 @@ from eoforge.launch.rundir import RunDir
 from eoforge.models import create_model
 from eoforge.pretrain.config import PretrainConfig
 from eoforge.pretrain.data import build_stream, prepare_shards
-from eoforge.pretrain.objectives import build_objective, validate_objective
+from eoforge.pretrain.objectives import build_objective, objective_label, validate_objective
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
@@ -102,7 +102,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     step = int(state.get("step", 0))
     log.info(
         f"{'resuming at step ' + str(step) if step else 'starting'}: {cfg.model.name} + "
-        f"{cfg.objective.name}, ZeRO-{cfg.engine.zero_stage} {engine.precision}, world size "
+        f"{objective_label(cfg.objective)}, ZeRO-{cfg.engine.zero_stage} {engine.precision}, world size "
         f"{dist_env.world_size}, global batch {global_batch}, peak lr {peak_lr:.2e}"
     )
     tb = TensorBoard(
