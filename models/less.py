@@ -243,6 +243,16 @@ def grid_attention(
     return torch.cat([cls_out, out.reshape(b, heads, rank, grid_h * grid_w, d)], dim=3)
 
 
+def spatial_field(tokens: LessTokens, radius_m: float | None) -> torch.Tensor | GridField | None:
+    """The spatial branch's perception field for ``tokens``: a ``GridField`` on a whole grid
+    (O(N K)), the dense [B, N+1, N+1] mask once patches were selected, None without a radius."""
+    if radius_m is None:
+        return None
+    if tokens.grid is not None:
+        return grid_field(tokens.grid, tokens.spacing_m, radius_m, tokens.min_spacing_m)
+    return perception_field(tokens.positions, radius_m)  # [B, N+1, N+1]
+
+
 class LessPatchEmbed(nn.Module):
     """Per-band patch embedding: Conv3d(1->2D, (1,p,p), stride (1,p,p)) -> ReLU -> Conv3d(2D->D, 1).
 
@@ -441,48 +451,53 @@ class Recombine(torch.autograd.Function):
     Y (the recombined [B, C+1, N+1, D] tokens before the out-projection) is never built. The
     spatial branch is contracted with W first, ``z[b,h,r,i,n,o] = sum_j P W``, because the spectral
     width k is the smallest index (k = 2 against j = D/(H k)): the big contraction over (h, r, i)
-    then costs C N D H r k, j/k times less than contracting the spectral branch first. z is as
-    large as H r k / (C+1) token tensors, so it is not kept for backward but rebuilt there from the
-    small S, P and W; backward is two batched matmuls of the forward's size plus z's.
+    then costs C N D H r k, j/k times less than contracting the spectral branch first. z is
+    H r k / (C+1) times the size of the output, so it is built a slice of patches at a time (no
+    slice larger than the output's share) and never kept for backward, which rebuilds it from the
+    small S, P and W.
     """
 
     @staticmethod
     def forward(ctx, spectral, spatial, weight):
         """spectral S [B, H, r, C+1, k], spatial P [B, H, r, N+1, j], weight W [D, H, k, j]."""
         ctx.save_for_backward(spectral, spatial, weight)
-        z = _spatial_with_weight(spatial, weight)  # [B, H*r*k, (N+1)*D]
-        b, heads, rank, c, k = spectral.shape
-        s = spectral.permute(0, 3, 1, 2, 4).reshape(b, c, heads * rank * k)  # [B, C+1, H*r*k]
-        return (s @ z).reshape(b, c, spatial.shape[3], weight.shape[0])  # [B, C+1, N+1, D]
+        b, _, _, c, _ = spectral.shape
+        n, dim = spatial.shape[3], weight.shape[0]
+        s = _flat_spectral(spectral)  # [B, C+1, H*r*k]
+        out = spectral.new_empty(b, c, n, dim)
+        for lo, hi in _patch_slices(s.shape[2], c, n):
+            z = _spatial_with_weight(spatial[:, :, :, lo:hi], weight)  # [B, H*r*k, n_s*D]
+            out[:, :, lo:hi] = (s @ z).reshape(b, c, hi - lo, dim)
+        return out  # [B, C+1, N+1, D]
 
     @staticmethod
     def backward(ctx, grad):
         spectral, spatial, weight = ctx.saved_tensors
         b, heads, rank, c, k = spectral.shape
+        s = _flat_spectral(spectral)  # [B, C+1, H*r*k]
+        grad_s = torch.zeros_like(s)
         with torch.enable_grad():
-            spatial_ = spatial.detach().requires_grad_(ctx.needs_input_grad[1])
-            weight_ = weight.detach().requires_grad_(ctx.needs_input_grad[2])
-            z = _spatial_with_weight(spatial_, weight_)  # [B, H*r*k, (N+1)*D]
-        s = spectral.permute(0, 3, 1, 2, 4).reshape(b, c, heads * rank * k)  # [B, C+1, H*r*k]
-        g = grad.reshape(b, c, -1)  # [B, C+1, (N+1)*D]
-        grad_spectral = grad_spatial = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_s = g @ z.detach().transpose(1, 2)  # [B, C+1, H*r*k]
-            grad_spectral = grad_s.reshape(b, c, heads, rank, k).permute(0, 2, 3, 1, 4)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_z = s.transpose(1, 2) @ g  # [B, H*r*k, (N+1)*D]
-            wanted = [
-                t
-                for t, need in (
-                    (spatial_, ctx.needs_input_grad[1]),
-                    (weight_, ctx.needs_input_grad[2]),
-                )
-                if need
-            ]
-            grads = iter(torch.autograd.grad(z, wanted, grad_z))
-            grad_spatial = next(grads) if ctx.needs_input_grad[1] else None
-            grad_weight = next(grads) if ctx.needs_input_grad[2] else None
-        return grad_spectral, grad_spatial, grad_weight
+            spatial_ = spatial.detach().requires_grad_()
+            weight_ = weight.detach().requires_grad_()
+            for lo, hi in _patch_slices(s.shape[2], c, spatial.shape[3]):
+                z = _spatial_with_weight(spatial_[:, :, :, lo:hi], weight_)  # [B, H*r*k, n_s*D]
+                g = grad[:, :, lo:hi].reshape(b, c, -1)  # [B, C+1, n_s*D]
+                grad_s += g @ z.detach().transpose(1, 2)
+                torch.autograd.backward(z, s.transpose(1, 2) @ g)  # into spatial_, weight_
+        grad_spectral = grad_s.reshape(b, c, heads, rank, k).permute(0, 2, 3, 1, 4)
+        return grad_spectral, spatial_.grad, weight_.grad
+
+
+def _flat_spectral(spectral: torch.Tensor) -> torch.Tensor:
+    """S [B, H, r, C+1, k] -> [B, C+1, H*r*k]."""
+    b, heads, rank, c, k = spectral.shape
+    return spectral.permute(0, 3, 1, 2, 4).reshape(b, c, heads * rank * k)
+
+
+def _patch_slices(z_rows: int, c: int, n: int) -> list[tuple[int, int]]:
+    """Patch ranges such that z's slice [z_rows, n_s * D] is no larger than out's [C+1, N+1, D]."""
+    step = max(1, n * c // z_rows) if z_rows > c else n
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _spatial_with_weight(spatial: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -667,12 +682,7 @@ class LessViT(nn.Module):
         x = torch.cat([column[:, :, None], x], dim=2)  # [B, C, N+1, D]
         x = torch.cat([top[:, None], x], dim=1)  # [B, C+1, N+1, D]
         valid = None if t.valid is None else _with_summaries(t.valid)  # [B, C+1, N+1]
-        field = None
-        if self.perception_radius_m is not None and t.grid is not None:
-            # The whole grid: a window per patch, O(N K).
-            field = grid_field(t.grid, t.spacing_m, self.perception_radius_m, t.min_spacing_m)
-        elif self.perception_radius_m is not None:
-            field = perception_field(t.positions, self.perception_radius_m)  # [B, N+1, N+1]
+        field = spatial_field(t, self.perception_radius_m)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, valid, field, use_reentrant=False)
@@ -705,6 +715,99 @@ class LessViT(nn.Module):
 
     def forward(self, images, band_ids, wavelengths, gsd=None, valid=None):
         return self.forward_features(images, band_ids, wavelengths, gsd, valid)
+
+
+class LessDecoder(nn.Module):
+    """A light LESS transformer that predicts the pixels of every (band, patch) of a full grid.
+
+    The encoder saw only some bands and patches (``LessViT.encode`` with kept indices). The
+    decoder scatters its output back into the full [B, C+1, N+1, Dd] layout, puts a mask token
+    in every slot the encoder did not see, adds ``E(c, n)`` at decoder width to every slot (the
+    cls row and column get their half, as in the encoder), runs LESS blocks over the whole grid
+    (the spatial branch within the encoder's perception field) and maps each token to the p*p
+    pixels of its band and patch. The head is shared by all bands, as the patch embedding is:
+    band identity comes from the wavelength half of ``E``.
+
+    Args:
+        embed_dim: the encoder width D.
+        patch_size: p.
+        decoder_dim: Dd; divisible by 4 and by num_heads * k.
+        depth, num_heads, k, rank, mlp_ratio: LESS block sizes at width Dd.
+        perception_radius_m: the spatial reach (metres), as the encoder's; None attends everywhere.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        patch_size: int,
+        decoder_dim: int = 128,
+        depth: int = 2,
+        num_heads: int = 4,
+        k: int = 2,
+        rank: int = 4,
+        mlp_ratio: float = 4.0,
+        perception_radius_m: float | None = PERCEPTION_RADIUS_M,
+    ):
+        super().__init__()
+        if decoder_dim % 4:
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by 4 for 2-D sincos")
+        self.decoder_dim = decoder_dim
+        self.perception_radius_m = perception_radius_m
+        self.embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = LearnedToken(decoder_dim)
+        self.blocks = nn.ModuleList(
+            LessBlock(decoder_dim, num_heads, k, rank, mlp_ratio) for _ in range(depth)
+        )
+        self.norm = _layer_norm(decoder_dim)
+        self.head = nn.Linear(decoder_dim, patch_size * patch_size)
+        self.apply(init_weights)
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        tokens: LessTokens,
+        keep_channels: torch.Tensor,
+        keep_positions: torch.Tensor,
+        seen: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict every band of every patch.
+
+        Args:
+            latent: [B, Kc+1, Kn+1, D] from ``LessViT.encode(tokens, keep_channels,
+                keep_positions)``.
+            tokens: the full-grid tokens the encoder's input was selected from (wavelengths,
+                positions and the grid come from here).
+            keep_channels: [B, Kc] and keep_positions: [B, Kn], the indices given to ``encode``.
+            seen: [B, C, N] True where the decoder takes the encoder's output; every other slot
+                is a mask token. Must lie within the kept bands x kept patches; it can leave out
+                kept slots whose tokens held nothing (e.g. a band of a missing sensor).
+
+        Returns:
+            [B, C, N, p*p] predicted pixels, patches row-major.
+        """
+        b, c, n = seen.shape
+        x = self.embed(latent)  # [B, Kc+1, Kn+1, Dd]
+        dim = x.shape[-1]
+        rows = F.pad(keep_channels + 1, (1, 0))  # [B, Kc+1], 0 = the cls channel
+        cols = F.pad(keep_positions + 1, (1, 0))  # [B, Kn+1], 0 = the cls position
+        x = x.new_zeros(b, x.shape[1], n + 1, dim).scatter(
+            2, cols[:, None, :, None].expand_as(x), x
+        )  # [B, Kc+1, N+1, Dd]
+        x = x.new_zeros(b, c + 1, n + 1, dim).scatter(
+            1, rows[:, :, None, None].expand_as(x), x
+        )  # [B, C+1, N+1, Dd]
+        # A cls entry is the encoder's where any token it summarises was seen.
+        taken = torch.cat([seen.any(1, keepdim=True), seen], dim=1)  # [B, C+1, N]
+        taken = torch.cat([taken.any(2, keepdim=True), taken], dim=2)  # [B, C+1, N+1]
+        taken[:, 0, 0] = True  # the global cls
+        x = torch.where(taken[..., None], x, self.mask_token(x)[:, :, None])
+        position = position_embedding(tokens.positions, dim).to(x.dtype) / 2  # [B, N, Dd]
+        channel = channel_embedding(tokens.wavelengths, dim).to(x.dtype) / 2  # [B, C, Dd]
+        x = x + F.pad(position, (0, 0, 1, 0))[:, None] + F.pad(channel, (0, 0, 1, 0))[:, :, None]
+        field = spatial_field(tokens, self.perception_radius_m)
+        for block in self.blocks:
+            x = block(x, None, field)
+        return self.head(self.norm(x[:, 1:, 1:]))  # [B, C, N, p*p]
 
 
 def _host_min(gsd: float | torch.Tensor) -> float:
