@@ -122,6 +122,13 @@ class Scene:
     files: tuple[str, ...]
 
     @property
+    def grid(self) -> Grid:
+        """The grid the scene was read onto (pass it to ``read_scene`` to co-register another
+        scene with this one)."""
+        crs = CRS.from_string(self.crs) if self.crs else None
+        return Grid(crs, self.transform, self.image.shape[-2], self.image.shape[-1])
+
+    @property
     def bounds(self) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) in ``crs`` units."""
         return self.window_bounds(0, 0, self.image.shape[1], self.image.shape[2])
@@ -140,13 +147,15 @@ class Scene:
 
 
 @dataclass(frozen=True)
-class _Grid:
+class Grid:
+    """A raster grid: CRS, affine transform and size in pixels."""
+
     crs: CRS | None
     transform: Affine
     height: int
     width: int
 
-    def same_as(self, other: _Grid) -> bool:
+    def same_as(self, other: Grid) -> bool:
         return (
             self.crs == other.crs
             and (self.height, self.width) == (other.height, other.width)
@@ -381,31 +390,36 @@ def _check_consistent(scenes: list[SceneSource]) -> None:
             )
 
 
-def read_scene(scene: SceneSource, *, gsd: float | None = None) -> Scene:
+def read_scene(scene: SceneSource, *, gsd: float | None = None, grid: Grid | None = None) -> Scene:
     """Read every band of a scene onto one grid.
 
     Bands already on the target grid are copied as read; others are resampled bilinearly with
-    nodata excluded from the interpolation.
+    nodata excluded from the interpolation (``rasterio.warp.reproject``, also across CRSs).
 
     Args:
         scene: from ``discover_scenes``.
         gsd: target pixel size in metres (default: the finest band's grid).
+        grid: read onto this grid instead (e.g. another sensor's ``Scene.grid``, to
+            co-register the two); pixels it covers outside the scene's footprint are invalid.
 
     Raises:
-        DataError: when a file cannot be read or bands on different grids lack a CRS.
+        DataError: when a file cannot be read, bands on different grids lack a CRS, or both
+            ``gsd`` and ``grid`` are given.
     """
+    if gsd is not None and grid is not None:
+        raise DataError(f"{scene.source}: pass gsd or grid, not both")
     grids, dtypes, nodatas = {}, {}, {}
     for member in scene.members:
         if member.path in grids:
             continue
         try:
             with rasterio.open(member.path) as ds:
-                grids[member.path] = _Grid(ds.crs, ds.transform, ds.height, ds.width)
+                grids[member.path] = Grid(ds.crs, ds.transform, ds.height, ds.width)
                 dtypes[member.path] = np.dtype(ds.dtypes[member.index - 1])
                 nodatas[member.path] = ds.nodata if ds.nodata is not None else scene.sensor.nodata
         except RasterioIOError as exc:
             raise DataError(f"cannot read {member.path}: {exc}") from exc
-    target = _target_grid(scene, grids, gsd)
+    target = grid if grid is not None else _target_grid(scene, grids, gsd)
     source_dtypes = {dtypes[m.path] for m in scene.members}
     integer = len(source_dtypes) == 1 and next(iter(source_dtypes)) in INTEGER_DTYPES
     dtype = next(iter(source_dtypes)) if integer else np.dtype(np.float32)
@@ -462,7 +476,7 @@ def _fill_value(nodata: float | None, dtype: np.dtype) -> int:
 
 
 def _resample(
-    data: np.ndarray, ok: np.ndarray, grid: _Grid, target: _Grid, path: Path
+    data: np.ndarray, ok: np.ndarray, grid: Grid, target: Grid, path: Path
 ) -> tuple[np.ndarray, np.ndarray]:
     """[k, h, w] on ``grid`` -> float32 [k, H, W] on ``target`` (NaN where no valid input)."""
     if grid.crs is None or target.crs is None:
@@ -486,7 +500,7 @@ def _resample(
     return out, np.isfinite(out)
 
 
-def _target_grid(scene: SceneSource, grids: dict[Path, _Grid], gsd: float | None) -> _Grid:
+def _target_grid(scene: SceneSource, grids: dict[Path, Grid], gsd: float | None) -> Grid:
     ordered = [grids[m.path] for m in scene.members]
     sizes = [pixel_size_m(g.crs, g.transform, g.height) for g in ordered]
     finest = ordered[int(np.argmin(sizes))]
@@ -503,7 +517,7 @@ def _target_grid(scene: SceneSource, grids: dict[Path, _Grid], gsd: float | None
     res_x, res_y = finest.transform.a * factor, finest.transform.e * factor
     width = max(1, round(finest.width / factor))
     height = max(1, round(finest.height / factor))
-    return _Grid(finest.crs, Affine(res_x, 0.0, left, 0.0, res_y, top), height, width)
+    return Grid(finest.crs, Affine(res_x, 0.0, left, 0.0, res_y, top), height, width)
 
 
 def pixel_size_m(crs: CRS | None, transform: Affine, height: int) -> float:

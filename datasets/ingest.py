@@ -5,7 +5,9 @@ Each scene is read onto one grid (``eoforge.datasets.geotiff``) and cut into non
 right or bottom edge (and whole scenes smaller than a tile) are padded with invalid pixels. A tile
 whose valid fraction is below ``min_valid`` is skipped. Writing is atomic: shards go into
 ``OUT/.tmp-<pid>/`` and are renamed into ``OUT`` at the end; on any error the temporary folder
-is removed and ``OUT`` is left as it was.
+is removed and ``OUT`` is left as it was (``write_shard_folder``, shared with the multi-sensor
+and time-series builds of ``eoforge.datasets.pairs``). ``verify_shards`` checks either kind of
+folder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,8 +35,10 @@ from eoforge.datasets.shards import (
     SHARD_NAME,
     STATS_FILE,
     STORED_DTYPES,
+    decode_group,
     decode_sample,
     encode_sample,
+    group_member,
     iter_tar_samples,
     read_index,
     sanitise_key,
@@ -81,23 +85,10 @@ def build_shards(
         DataError: empty input, unknown band names, band-count mismatches, existing shards
             without ``overwrite``, or no tile kept.
     """
-    if tile_size < 1 or shard_size < 1:
-        raise DataError(
-            f"tile_size and shard_size must be positive, got {tile_size} and {shard_size}"
-        )
-    if not 0.0 <= min_valid <= 1.0:
-        raise DataError(f"min_valid must be between 0 and 1, got {min_valid}")
+    check_build_options(tile_size, shard_size, min_valid)
     src, out = Path(src), Path(out)
     sensor = get_sensor(sensor) if isinstance(sensor, str) else sensor
     scenes = discover_scenes(src, sensor, bands=bands, pattern=pattern)
-    existing = _existing_outputs(out)
-    if any(p.name != STATS_FILE for p in existing) and not overwrite:
-        raise DataError(
-            f"{out} already holds shards; pass overwrite=True (--overwrite) to replace them"
-        )
-
-    created = not out.exists()
-    tmp = out / f".tmp-{os.getpid()}"
     summary = {
         "out": str(out),
         "sensor": sensor.name,
@@ -110,17 +101,15 @@ def build_shards(
         "scenes_with_invalid": 0,
         "invalid_examples": [],
     }
-    writer = _ShardWriter(tmp, shard_size)
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had this pid
-        tmp.mkdir(parents=True)
-        bands_seen: dict[str, dict] = {}
+    bands_seen: dict[str, dict] = {}
+
+    def samples() -> Iterator[dict]:
         keys: set[str] = set()
         for source in tqdm(
             scenes, desc=f"shards {sensor.name}", unit="scene", disable=not progress
         ):
             scene = read_scene(source, gsd=gsd)
-            if not _check_invalid(scene, summary):
+            if not check_invalid(scene, summary):
                 continue
             for row in band_table(scene.bands):
                 bands_seen.setdefault(row["band_id"], row)
@@ -128,29 +117,75 @@ def build_shards(
                 if valid.mean() < min_valid:
                     summary["tiles_skipped"] += 1
                     continue
-                key = _unique_key(f"{scene.sensor}_{scene.name}_r{window[0]}_c{window[1]}", keys)
-                stored = _stored(image, valid, scene.source)
-                writer.write(encode_sample(key, stored, valid, _tile_meta(key, scene, window)))
-        writer.close()
-        if not writer.counts:
-            raise DataError(
-                f"no tile of {src} was kept: {summary['tiles_skipped']} tiles had less than "
-                f"min_valid={min_valid} valid pixels and {summary['scenes_skipped']} scenes had no "
-                "valid pixel; lower --min-valid or --tile-size, or check the nodata of the inputs"
-            )
-        index = {
+                key = unique_key(f"{scene.sensor}_{scene.name}_r{window[0]}_c{window[1]}", keys)
+                stored = stored_array(image, valid, scene.source)
+                yield encode_sample(key, stored, valid, _tile_meta(key, scene, window))
+
+    def index(counts: list[int]) -> dict:
+        return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
-            "shards": [
-                {"name": SHARD_NAME.format(i), "samples": n} for i, n in enumerate(writer.counts)
-            ],
-            "samples": sum(writer.counts),
-            "sensors": {sensor.name: sum(writer.counts)},
+            "shards": [{"name": SHARD_NAME.format(i), "samples": n} for i, n in enumerate(counts)],
+            "samples": sum(counts),
+            "sensors": {sensor.name: sum(counts)},
             "bands": list(bands_seen.values()),
             "source": str(src.resolve()),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+
+    def nothing_kept() -> DataError:
+        return DataError(
+            f"no tile of {src} was kept: {summary['tiles_skipped']} tiles had less than "
+            f"min_valid={min_valid} valid pixels and {summary['scenes_skipped']} scenes had no "
+            "valid pixel; lower --min-valid or --tile-size, or check the nodata of the inputs"
+        )
+
+    counts = write_shard_folder(
+        out, samples(), index, shard_size=shard_size, overwrite=overwrite, empty=nothing_kept
+    )
+    summary.update(samples=sum(counts), shards=len(counts))
+    return summary
+
+
+def write_shard_folder(
+    out: Path,
+    samples: Iterable[dict],
+    index: Callable[[list[int]], dict],
+    *,
+    shard_size: int,
+    overwrite: bool,
+    empty: Callable[[], DataError],
+) -> list[int]:
+    """Write encoded samples into a shard folder atomically (see the module docstring).
+
+    Args:
+        out: shard folder to create or, with ``overwrite``, replace.
+        samples: encoded samples (``encode_sample``/``encode_group``), consumed once.
+        index: builds index.json's contents from the samples per shard, once all are written.
+        shard_size: samples per shard.
+        overwrite: replace shards (and the now stale stats.json) already in ``out``.
+        empty: the error to raise when ``samples`` yields nothing.
+
+    Returns:
+        Samples per shard.
+    """
+    existing = _existing_outputs(out)
+    if any(p.name != STATS_FILE for p in existing) and not overwrite:
+        raise DataError(
+            f"{out} already holds shards; pass overwrite=True (--overwrite) to replace them"
+        )
+    created = not out.exists()
+    tmp = out / f".tmp-{os.getpid()}"
+    writer = _ShardWriter(tmp, shard_size)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had this pid
+        tmp.mkdir(parents=True)
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
+        if not writer.counts:
+            raise empty()
+        (tmp / INDEX_FILE).write_text(json.dumps(index(writer.counts), indent=1))
         for path in existing:
             path.unlink()
         for i in range(len(writer.counts)):
@@ -163,8 +198,17 @@ def build_shards(
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    summary.update(samples=index["samples"], shards=len(writer.counts))
-    return summary
+    return writer.counts
+
+
+def check_build_options(tile_size: int, shard_size: int, min_valid: float) -> None:
+    """DataError unless tile and shard sizes are positive and min_valid is a fraction."""
+    if tile_size < 1 or shard_size < 1:
+        raise DataError(
+            f"tile_size and shard_size must be positive, got {tile_size} and {shard_size}"
+        )
+    if not 0.0 <= min_valid <= 1.0:
+        raise DataError(f"min_valid must be between 0 and 1, got {min_valid}")
 
 
 def _existing_outputs(out: Path) -> list[Path]:
@@ -175,7 +219,7 @@ def _existing_outputs(out: Path) -> list[Path]:
     ]
 
 
-def _check_invalid(scene: Scene, summary: dict) -> bool:
+def check_invalid(scene: Scene, summary: dict) -> bool:
     """Counts and reports invalid pixels; False when the scene has no valid pixel at all."""
     invalid = int(scene.valid.size - np.count_nonzero(scene.valid))
     if invalid == scene.valid.size:
@@ -224,7 +268,7 @@ def tiles(
             yield (row, col, tile_size, tile_size), image, valid
 
 
-def _stored(image: np.ndarray, valid: np.ndarray, source: str) -> np.ndarray:
+def stored_array(image: np.ndarray, valid: np.ndarray, source: str) -> np.ndarray:
     """The shard dtype: the source integer dtype if uint8/uint16/int16, else float16 with NaN."""
     if image.dtype in INTEGER_DTYPES:
         return image
@@ -237,7 +281,8 @@ def _stored(image: np.ndarray, valid: np.ndarray, source: str) -> np.ndarray:
     return np.where(valid, image, np.nan).astype(np.float16)
 
 
-def _unique_key(text: str, keys: set[str]) -> str:
+def unique_key(text: str, keys: set[str]) -> str:
+    """``text`` as a sample key, made unique among ``keys`` (and added to them)."""
     base = key = sanitise_key(text)
     n = 1
     while key in keys:  # ids of different scenes can coincide once sanitised
@@ -298,20 +343,22 @@ def verify_shards(folder: str | Path) -> dict:
     """Read every sample of a shard folder back and check it against its index.json.
 
     Checks per shard the sample count, and per sample: the members, a stored dtype, [C, H, W]
-    shapes, the valid mask's shape, ``band_ids``/``wavelengths``/``bandwidths`` of length C, the
-    id matching the key, unique keys, and finally the per-sensor totals.
+    shapes ([T, C, H, W] for time series, with T timestamps), the valid mask's shape,
+    ``band_ids``/``wavelengths``/``bandwidths`` of length C, the id matching the key, unique keys,
+    and finally the per-sensor totals. In group folders every sensor of a sample must be on one
+    grid, and a sensor counts where the sample holds it (``present``).
 
     Returns:
-        ``{"folder", "shards", "samples", "sensors", "shapes", "dtypes"}``.
+        ``{"folder", "shards", "samples", "sensors", "shapes", "dtypes"}``, plus ``"missing"``
+        (samples lacking each sensor) for group folders.
 
     Raises:
-        DataError: naming the shard and sample key at fault.
+        DataError: naming the shard, sample key and sensor at fault.
     """
     folder = Path(folder)
     index = read_index(folder)
-    sensors: dict[str, int] = {}
-    shapes: dict[str, int] = {}
-    dtypes: dict[str, int] = {}
+    grouped = "group" in index
+    tally = {"samples": 0, "sensors": {}, "missing": {}, "shapes": {}, "dtypes": {}}
     keys: set[str] = set()
     for row in index["shards"]:
         path = folder / row["name"]
@@ -322,46 +369,108 @@ def verify_shards(folder: str | Path) -> dict:
         count = 0
         for raw in iter_tar_samples(path):
             where = f"{path}: sample {raw['__key__']}"
-            unexpected = set(raw) - {"__key__", "__url__", "image.npy", "valid.npy", "json"}
-            if unexpected:
-                raise DataError(f"{where} has unexpected members {sorted(unexpected)}")
-            image, _, meta = decode_sample(raw)
             if raw["__key__"] in keys:
                 raise DataError(f"{where} appears twice in {folder}")
             keys.add(raw["__key__"])
-            if image.ndim != 3 or image.dtype not in STORED_DTYPES:
-                raise DataError(
-                    f"{where} has image {image.dtype} {image.shape}; expected [C, H, W] "
-                    f"in {', '.join(str(d) for d in STORED_DTYPES)}"
-                )
-            if meta.get("id") != raw["__key__"]:
-                raise DataError(f"{where} has metadata id {meta.get('id')!r}")
-            for field in ("band_ids", "wavelengths", "bandwidths"):
-                if len(meta.get(field, ())) != image.shape[0]:
-                    raise DataError(
-                        f"{where}: {field} has {len(meta.get(field, ()))} entries for "
-                        f"{image.shape[0]} channels"
-                    )
-            sensors[meta["sensor"]] = sensors.get(meta["sensor"], 0) + 1
-            shape = "x".join(str(n) for n in image.shape)
-            shapes[shape] = shapes.get(shape, 0) + 1
-            dtypes[str(image.dtype)] = dtypes.get(str(image.dtype), 0) + 1
+            if grouped:
+                _verify_group(raw, where, tally)
+            else:
+                _verify_single(raw, where, tally)
             count += 1
         if count != row["samples"]:
             raise DataError(
                 f"{path} holds {count} samples but {folder / INDEX_FILE} says {row['samples']}"
             )
-    total = sum(sensors.values())
+    sensors = tally["sensors"]
+    total = tally["samples"] if grouped else sum(sensors.values())
     if total != index["samples"] or sensors != index["sensors"]:
         raise DataError(
             f"{folder}: samples per sensor {sensors} differ from {INDEX_FILE}'s "
-            f"{index['sensors']} (total {index['samples']})"
+            f"{index['sensors']} (total {total} samples, {INDEX_FILE} says {index['samples']})"
         )
-    return {
+    result = {
         "folder": str(folder),
         "shards": len(index["shards"]),
         "samples": total,
         "sensors": sensors,
-        "shapes": shapes,
-        "dtypes": dtypes,
+        "shapes": tally["shapes"],
+        "dtypes": tally["dtypes"],
     }
+    if grouped:
+        missing = {s: tally["missing"].get(s, 0) for s in index["group"]["sensors"]}
+        if missing != index.get("missing"):
+            raise DataError(
+                f"{folder}: samples lacking each sensor {missing} differ from {INDEX_FILE}'s "
+                f"{index.get('missing')}"
+            )
+        result["missing"] = missing
+    return result
+
+
+def _count(counter: dict, key: str) -> None:
+    counter[key] = counter.get(key, 0) + 1
+
+
+def _check_view(where: str, image: np.ndarray, fields: dict, ndims: tuple[int, ...]) -> None:
+    shape = "[C, H, W]" if ndims == (3,) else "[C, H, W] or [T, C, H, W]"
+    if image.ndim not in ndims or image.dtype not in STORED_DTYPES:
+        raise DataError(
+            f"{where} has image {image.dtype} {image.shape}; expected {shape} "
+            f"in {', '.join(str(d) for d in STORED_DTYPES)}"
+        )
+    for field in ("band_ids", "wavelengths", "bandwidths"):
+        if len(fields.get(field, ())) != image.shape[-3]:
+            raise DataError(
+                f"{where}: {field} has {len(fields.get(field, ()))} entries for "
+                f"{image.shape[-3]} channels"
+            )
+
+
+def _verify_single(raw: dict, where: str, tally: dict) -> None:
+    unexpected = set(raw) - {"__key__", "__url__", "image.npy", "valid.npy", "json"}
+    if unexpected:
+        raise DataError(f"{where} has unexpected members {sorted(unexpected)}")
+    image, _, meta = decode_sample(raw)
+    _check_view(where, image, meta, (3,))
+    if meta.get("id") != raw["__key__"]:
+        raise DataError(f"{where} has metadata id {meta.get('id')!r}")
+    tally["samples"] += 1
+    _count(tally["sensors"], meta["sensor"])
+    _count(tally["shapes"], "x".join(str(n) for n in image.shape))
+    _count(tally["dtypes"], str(image.dtype))
+
+
+def _verify_group(raw: dict, where: str, tally: dict) -> None:
+    views, meta = decode_group(raw)
+    if meta.get("id") != raw["__key__"]:
+        raise DataError(f"{where} has metadata id {meta.get('id')!r}")
+    allowed = {"__key__", "__url__", "json"} | {
+        group_member(sensor, member)
+        for sensor, pair in views.items()
+        if pair is not None
+        for member in ("image.npy", "valid.npy")
+    }
+    unexpected = {name.lower() for name in raw} - allowed
+    if unexpected:
+        raise DataError(f"{where} has unexpected members {sorted(unexpected)}")
+    if not any(pair is not None for pair in views.values()):
+        raise DataError(f"{where} holds no sensor at all")
+    sizes = set()
+    for sensor, pair in views.items():
+        row = meta["sensors"][sensor]
+        if pair is None:
+            _count(tally["missing"], sensor)
+            continue
+        image = pair[0]
+        _check_view(f"{where}, sensor {sensor}", image, row, (3, 4))
+        if image.ndim == 4 and len(row.get("time") or ()) != image.shape[0]:
+            raise DataError(
+                f"{where}, sensor {sensor}: {image.shape[0]} dates but time {row.get('time')}"
+            )
+        sizes.add(image.shape[-2:])
+        _count(tally["sensors"], sensor)
+        _count(tally["shapes"], f"{sensor}:" + "x".join(str(n) for n in image.shape))
+        _count(tally["dtypes"], str(image.dtype))
+    if len(sizes) > 1:
+        raise DataError(f"{where}: sensors are on different grids {sorted(sizes)}")
+    tally["samples"] += 1

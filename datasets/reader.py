@@ -14,6 +14,13 @@ Batch contract (one micro-batch, see ``collate``): one sensor, one band set, one
               "time": int64 [B] (only when every sample has one)},
      "meta": {"id", "source", "shard", "crs", "bounds": lists of B}}
 
+Group shards (several co-registered sensors and/or a time axis, see ``eoforge.datasets.shards``)
+give samples with one view per sensor of the build, all on one grid, each with ``"present"``
+(bool; False where the sample lacks that sensor: its image is zeros and its valid mask all False);
+a time series view has ``image``/``valid`` [T, C, H, W] and ``time`` int64 [T]. Their batches
+stack every view (``image`` [B, (T,) C, H, W], ``present`` [B], ``time`` [B(, T)] where every
+sample has one) and batch only samples of one sensor set, band sets and sizes.
+
 Order of one epoch on one rank: the shard list is shuffled with ``random.Random(seed + epoch)``,
 split across ranks (shard ``i`` goes to rank ``i % world_size``) and then across DataLoader
 workers (``i % num_workers`` of the rank's shards); each worker shuffles its samples in a buffer
@@ -27,6 +34,7 @@ the batches an uninterrupted run sees after its first ``k``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -39,7 +47,14 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from eoforge.datasets.errors import DataError
-from eoforge.datasets.shards import decode_sample, list_shards, shard_sample_counts
+from eoforge.datasets.shards import (
+    META,
+    decode_group,
+    decode_sample,
+    is_group,
+    list_shards,
+    shard_sample_counts,
+)
 from eoforge.datasets.stats import Normaliser
 
 
@@ -67,6 +82,8 @@ def split_by_rank(src: Iterator, *, rank: int, world_size: int) -> Iterator:
 
 def to_sample(raw: dict, normaliser: Normaliser) -> dict:
     """One raw WebDataset sample -> the sample contract (module docstring), normalised."""
+    if META in raw and is_group(json.loads(raw[META])):
+        return _group_sample(raw, normaliser)
     image, valid, meta = decode_sample(raw)
     band_ids = list(meta["band_ids"])
     normalised = normaliser(image, valid, band_ids)
@@ -92,17 +109,61 @@ def to_sample(raw: dict, normaliser: Normaliser) -> dict:
     }
 
 
+def _group_sample(raw: dict, normaliser: Normaliser) -> dict:
+    """A group sample (several sensors and/or a time axis) -> one view per sensor of the build."""
+    arrays, meta = decode_group(raw)
+    sample = {}
+    for sensor, row in meta["sensors"].items():
+        band_ids = list(row["band_ids"])
+        pair = arrays[sensor]
+        if pair is None:
+            # Absent sensor: zeros, nothing valid; objectives see present=False and decide.
+            image = torch.zeros(row["shape"], dtype=torch.float32)
+            valid = torch.zeros(row["shape"], dtype=torch.bool)
+        else:
+            image = torch.from_numpy(normaliser(pair[0], pair[1], band_ids))
+            valid = torch.from_numpy(pair[1])
+        view = {
+            "image": image,
+            "band_ids": band_ids,
+            "wavelengths": torch.tensor(row["wavelengths"], dtype=torch.float32),
+            "bandwidths": torch.tensor(row["bandwidths"], dtype=torch.float32),
+            "valid": valid,
+            "gsd": float(row["gsd"]),
+            "present": torch.tensor(pair is not None),
+        }
+        if row.get("time") is not None:
+            view["time"] = torch.tensor(row["time"], dtype=torch.int64)
+        sample[sensor] = view
+    sample["meta"] = {
+        "id": meta["id"],
+        "crs": meta["crs"],
+        "bounds": list(meta["bounds"]),
+        "source": meta["source"],
+        "shard": raw.get("__url__", ""),
+    }
+    return sample
+
+
+def sensors_of(sample: dict) -> list[str]:
+    """The sensor entries of a sample or batch, in their order."""
+    return [k for k in sample if k != "meta"]
+
+
 def sensor_of(sample: dict) -> str:
     """The sensor entry of a single-sensor sample or batch."""
-    (sensor,) = (k for k in sample if k != "meta")
+    (sensor,) = sensors_of(sample)
     return sensor
 
 
 def batch_key(sample: dict) -> tuple:
-    """What a batch must share: (sensor, band_ids, H, W)."""
-    sensor = sensor_of(sample)
-    view = sample[sensor]
-    return (sensor, tuple(view["band_ids"]), *view["image"].shape[-2:])
+    """What a batch must share: (sensor, band_ids, H, W) for a single-sensor sample; for a time
+    series (sensor, band_ids, T, H, W); for several sensors, one such tuple per sensor."""
+    keys = tuple(
+        (sensor, tuple(view["band_ids"]), *view["image"].shape[:-3], *view["image"].shape[-2:])
+        for sensor, view in ((s, sample[s]) for s in sensors_of(sample))
+    )
+    return keys[0] if len(keys) == 1 else keys
 
 
 def collate(samples: Sequence[dict]) -> dict:
@@ -110,8 +171,16 @@ def collate(samples: Sequence[dict]) -> dict:
     keys = {batch_key(s) for s in samples}
     if len(keys) != 1:
         raise DataError(f"cannot batch samples of different sensors/bands/sizes: {sorted(keys)}")
-    sensor = sensor_of(samples[0])
-    views = [s[sensor] for s in samples]
+    batch = {sensor: _stack([s[sensor] for s in samples]) for sensor in sensors_of(samples[0])}
+    batch["meta"] = {
+        field: [s["meta"][field] for s in samples]
+        for field in ("id", "source", "shard", "crs", "bounds")
+    }
+    return batch
+
+
+def _stack(views: Sequence[dict]) -> dict:
+    """One sensor's views of B samples -> its batch view."""
     batch = {
         "image": torch.stack([v["image"] for v in views]),
         "valid": torch.stack([v["valid"] for v in views]),
@@ -122,11 +191,9 @@ def collate(samples: Sequence[dict]) -> dict:
     }
     if all("time" in v for v in views):
         batch["time"] = torch.stack([v["time"] for v in views])
-    meta = {
-        field: [s["meta"][field] for s in samples]
-        for field in ("id", "source", "shard", "crs", "bounds")
-    }
-    return {sensor: batch, "meta": meta}
+    if any("present" in v for v in views):
+        batch["present"] = torch.stack([v.get("present", torch.tensor(True)) for v in views])
+    return batch
 
 
 def _shuffle_samples(src: Iterator[dict], *, bufsize: int, seed: str) -> Iterator[dict]:

@@ -7,6 +7,15 @@ for nodata), ``<key>.valid.npy`` (bool [C, H, W], only when some pixel is invali
 ``<key>.json`` (metadata: id, sensor, band_ids, wavelengths, bandwidths, gsd, crs, bounds, time,
 source, window, scale, offset, units, nodata). Keys contain no dots, because WebDataset splits a
 member name into key and extension at the first dot.
+
+Group samples (several co-registered sensors and/or a time axis; index.json ``version`` 2 with a
+``group`` entry) hold one ``<key>.<sensor>.image.npy`` (sensor in lower case: WebDataset lower-cases
+member extensions) and, when some pixel is invalid, ``<key>.<sensor>.valid.npy`` per sensor present
+in the sample, each [C, H, W] or, for a time series, [T, C, H, W], all on one grid. Their
+``<key>.json`` holds the shared fields (id, crs, bounds, source, window, footprint, anchor) and
+``sensors``: ``{sensor: {"present", "shape", "band_ids", "wavelengths", "bandwidths", "gsd",
+"time" (int, list of T ints for a series, or null), "source", "scale", "offset", "units",
+"nodata"}}``; a sensor the sample lacks has ``present`` false and no image member.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ SHARD_NAME = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
 FORMAT = "eoforge-shards"
 FORMAT_VERSION = 1
+GROUP_FORMAT_VERSION = 2
 STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float16))
 IMAGE, VALID, META = "image.npy", "valid.npy", "json"
 
@@ -107,6 +117,124 @@ def decode_sample(raw: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     if np.issubdtype(image.dtype, np.floating):
         valid &= np.isfinite(image)
     return image, valid, meta
+
+
+def is_group(meta: dict) -> bool:
+    """Whether sample metadata is a group sample's (several sensors and/or a time axis)."""
+    return "sensors" in meta
+
+
+def group_member(sensor: str, member: str) -> str:
+    """The member name of one sensor's array in a group sample, e.g. ``s1grd.image.npy``."""
+    return f"{sensor.lower()}.{member}"
+
+
+def encode_group(key: str, views: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> dict:
+    """One group sample as the member dict that ``webdataset.TarWriter.write`` takes.
+
+    Args:
+        key: sanitised sample id.
+        views: ``{sensor: (image, valid)}`` for the sensors present: image [C, H, W] or
+            [T, C, H, W] in a stored dtype, valid bool of the same shape; one H, W for all.
+        meta: shared metadata with ``sensors`` (see the module docstring); every sensor of
+            ``views`` must be there with ``present`` true and a matching ``shape``.
+
+    Raises:
+        DataError: naming the sample and sensor whose arrays disagree with each other or meta.
+    """
+    if key != sanitise_key(key):
+        raise DataError(
+            f"sample key {key!r} contains characters other than letters, digits, _ and -"
+        )
+    sensors = meta.get("sensors", {})
+    sample = {"__key__": key, META: json.dumps(meta, sort_keys=True).encode("utf-8")}
+    sizes = set()
+    for sensor, row in sensors.items():
+        if row.get("present") != (sensor in views):
+            raise DataError(
+                f"sample {key}: sensor {sensor} has present={row.get('present')} in its metadata "
+                f"but {'an' if sensor in views else 'no'} image"
+            )
+    for sensor, (image, valid) in views.items():
+        where = f"sample {key}, sensor {sensor}"
+        if sensor not in sensors:
+            raise DataError(f"{where}: no entry in the metadata's sensors")
+        if image.ndim not in (3, 4) or image.dtype not in STORED_DTYPES:
+            raise DataError(
+                f"{where}: image must be [C, H, W] or [T, C, H, W] in one of "
+                f"{', '.join(str(d) for d in STORED_DTYPES)}; got {image.dtype} {image.shape}"
+            )
+        if valid.shape != image.shape or valid.dtype != np.bool_:
+            raise DataError(
+                f"{where}: valid mask must be bool {image.shape}, got {valid.dtype} {valid.shape}"
+            )
+        if list(image.shape) != list(sensors[sensor].get("shape", ())):
+            raise DataError(
+                f"{where}: image {image.shape} but metadata shape {sensors[sensor].get('shape')}"
+            )
+        if len(sensors[sensor].get("band_ids", ())) != image.shape[-3]:
+            raise DataError(
+                f"{where}: {image.shape[-3]} channels but band_ids {sensors[sensor].get('band_ids')}"
+            )
+        sizes.add(image.shape[-2:])
+        sample[group_member(sensor, IMAGE)] = _npy_bytes(image)
+        if not valid.all():
+            sample[group_member(sensor, VALID)] = _npy_bytes(valid)
+    if len(sizes) > 1:
+        raise DataError(f"sample {key}: sensors are on different grids {sorted(sizes)}")
+    return sample
+
+
+def decode_group(raw: dict) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | None], dict]:
+    """Inverse of ``encode_group`` for a raw WebDataset sample (member name -> bytes).
+
+    Returns:
+        ``({sensor: (image in its stored dtype, valid bool) or None where absent}, meta)``;
+        non-finite float pixels are always invalid.
+    """
+    where = f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+    if META not in raw:
+        raise DataError(f"{where} has no .{META} member; rebuild the shards (eoforge data build)")
+    meta = json.loads(raw[META])
+    members = {name.lower(): value for name, value in raw.items()}
+    views: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+    for sensor, row in meta.get("sensors", {}).items():
+        if not row.get("present"):
+            views[sensor] = None
+            continue
+        name = group_member(sensor, IMAGE)
+        if name not in members:
+            raise DataError(f"{where}: sensor {sensor} is present but has no .{name} member")
+        image = np.load(io.BytesIO(members[name]), allow_pickle=False)
+        mask = members.get(group_member(sensor, VALID))
+        if mask is None:
+            valid = np.ones(image.shape, dtype=bool)
+        else:
+            valid = np.load(io.BytesIO(mask), allow_pickle=False)
+            if valid.shape != image.shape:
+                raise DataError(
+                    f"{where}: sensor {sensor}'s valid mask {valid.shape} does not match its "
+                    f"image {image.shape}"
+                )
+        if np.issubdtype(image.dtype, np.floating):
+            valid &= np.isfinite(image)
+        views[sensor] = (image, valid)
+    return views, meta
+
+
+def sample_views(raw: dict) -> list[tuple[str, np.ndarray, np.ndarray, list[str]]]:
+    """``(sensor, image, valid, band_ids)`` of every sensor present in a raw sample, single-sensor
+    or group: what statistics need from either format."""
+    meta = json.loads(raw[META]) if META in raw else {}
+    if not is_group(meta):
+        image, valid, meta = decode_sample(raw)
+        return [(meta["sensor"], image, valid, list(meta["band_ids"]))]
+    views, meta = decode_group(raw)
+    return [
+        (sensor, *pair, list(meta["sensors"][sensor]["band_ids"]))
+        for sensor, pair in views.items()
+        if pair is not None
+    ]
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

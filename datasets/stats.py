@@ -1,5 +1,8 @@
 """Per-band statistics of a shard folder (``stats.json``) and the normalisation they define.
 
+A multi-sensor shard folder gets one ``stats.json`` covering every sensor's bands (band ids are
+unique across sensors); time series contribute every date's values.
+
 ``stats.json`` (next to the shards)::
 
     {"version": 1, "clip_percentiles": [1, 99],
@@ -26,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eoforge.datasets.errors import DataError
-from eoforge.datasets.shards import STATS_FILE, decode_sample, iter_tar_samples, read_index
+from eoforge.datasets.shards import STATS_FILE, iter_tar_samples, read_index, sample_views
 
 STATS_VERSION = 1
 CLIP_PERCENTILES = (1, 99)
@@ -130,10 +133,14 @@ def compute_stats(
     ) as bar:
         for row in index["shards"]:
             for raw in iter_tar_samples(folder / row["name"]):
-                image, valid, meta = decode_sample(raw)
-                for channel, band_id in enumerate(meta["band_ids"]):
-                    accumulator = bands.setdefault(band_id, _BandAccumulator(max_values_per_band))
-                    accumulator.add(image[channel][valid[channel]], rng)
+                # Every sensor of a multi-sensor sample adds to its own bands' statistics; a
+                # time series adds every date's values.
+                for _, image, valid, band_ids in sample_views(raw):
+                    for channel, band_id in enumerate(band_ids):
+                        accumulator = bands.setdefault(
+                            band_id, _BandAccumulator(max_values_per_band)
+                        )
+                        accumulator.add(image[..., channel, :, :][valid[..., channel, :, :]], rng)
                 bar.update()
     stats = {
         "version": STATS_VERSION,
@@ -223,9 +230,10 @@ class Normaliser:
         return tuple(a.astype(np.float32) for a in (low, high, gain, shift))
 
     def __call__(self, array: np.ndarray, valid: np.ndarray, band_ids: Sequence[str]) -> np.ndarray:
-        """Normalise ``array`` [C, H, W] (any real dtype) with ``valid`` bool [C, H, W] whose
-        channels are ``band_ids``; returns float32 [C, H, W] with invalid pixels 0."""
-        if array.shape[0] != len(band_ids) or valid.shape != array.shape:
+        """Normalise ``array`` [C, H, W] or [T, C, H, W] (any real dtype) with ``valid`` bool of
+        the same shape whose channels are ``band_ids``; returns float32 of that shape with invalid
+        pixels 0."""
+        if array.ndim < 3 or array.shape[-3] != len(band_ids) or valid.shape != array.shape:
             raise DataError(
                 f"normalising {array.shape} with valid {valid.shape} and {len(band_ids)} band ids; "
                 "the channel counts must agree"

@@ -13,7 +13,11 @@ EXAMPLES = {
     "data build": """examples:
   eoforge data build ~/bigearthnet/S2 shards/s2 --sensor S2L2A --tile-size 120
   eoforge data build ~/enmap shards/enmap --sensor ENMAP --pattern '*SPECTRAL_IMAGE.TIF'
-  eoforge data build ~/landsat shards/l8 --sensor LANDSAT89 --bands B2 B3 B4 B5""",
+  eoforge data build ~/landsat shards/l8 --sensor LANDSAT89 --bands B2 B3 B4 B5
+co-registered sensors / time series (one sample per footprint, see --layout):
+  eoforge data build ~/SSL4EO-S12 shards/s2s1 --sensor S2L2A --pair S1GRD --layout ssl4eo --time-window-days 15
+  eoforge data build ~/BigEarthNet shards/ben --sensor S2L2A --pair S1GRD --layout bigearthnet
+  eoforge data build ~/SSL4EO-S12 shards/seasons --sensor S2L2A --layout ssl4eo --series""",
     "data stats": "example:\n  eoforge data stats shards/s2      # writes shards/s2/stats.json",
     "data verify": "example:\n  eoforge data verify shards/s2",
     "pretrain": """examples:
@@ -85,6 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--gsd", type=float, help="target ground sampling distance in m (default: finest band)"
     )
     build.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    paired = build.add_argument_group(
+        "multi-sensor / multi-date samples",
+        "--sensor is the reference: it anchors each sample and its grid (at --gsd). Products are "
+        "grouped by the footprint the layout names (SSL4EO-S12: the location folder under "
+        "s1/ s2a/ s2c/; BigEarthNet: the S2 patch an S1 patch's labels json names, else the "
+        "<tile>_<row>_<col> in its name). Samples lacking a sensor are kept with present=False.",
+    )
+    paired.add_argument(
+        "--pair",
+        nargs="+",
+        metavar="SENSOR",
+        help="partner sensors reprojected onto the reference's grid, e.g. S1GRD",
+    )
+    paired.add_argument(
+        "--layout", choices=["ssl4eo", "bigearthnet"], help="how SRC names sensors and footprints"
+    )
+    paired.add_argument(
+        "--time-window-days",
+        type=float,
+        help="most days between a reference product and its partner (default: any)",
+    )
+    paired.add_argument(
+        "--series",
+        action="store_true",
+        help="all dates of --sensor at a footprint form one time-series sample [T, C, H, W]",
+    )
+    paired.add_argument(
+        "--drop-lone-partners",
+        action="store_true",
+        help="leave out partner products no reference product took (default: keep them as "
+        "samples lacking the reference)",
+    )
     stats = _command(data, "data", "stats", "per-band statistics next to the shards", _data_stats)
     stats.add_argument("shards", help="shard folder")
     verify = _command(data, "data", "verify", "read every sample back and check it", _data_verify)
@@ -143,8 +179,37 @@ def _command(group, prefix: str | None, name: str, help_text: str, run):
 
 
 def _data_build(args) -> int:
+    from eoforge.datasets.errors import DataError
     from eoforge.datasets.ingest import build_shards
+    from eoforge.datasets.pairs import build_paired_shards
 
+    grouped = bool(args.pair or args.series)
+    if grouped or args.layout:
+        if not (args.layout and grouped):
+            raise DataError("--pair/--series and --layout go together: name both")
+        if args.bands or args.pattern:
+            raise DataError(
+                "--bands and --pattern apply to single-sensor builds, not --pair/--series"
+            )
+        summary = build_paired_shards(
+            args.src,
+            args.out,
+            args.sensor,
+            pair=args.pair or (),
+            layout=args.layout,
+            time_window_days=args.time_window_days,
+            series=args.series,
+            lone_partners=not args.drop_lone_partners,
+            tile_size=args.tile_size,
+            shard_size=args.shard_size,
+            gsd=args.gsd,
+            overwrite=args.overwrite,
+        )
+        print(json.dumps(summary, indent=2, default=str))
+        print(f"next: eoforge data stats {args.out}")
+        return 0
+    if args.time_window_days is not None or args.drop_lone_partners:
+        raise DataError("--time-window-days and --drop-lone-partners need --pair and --layout")
     summary = build_shards(
         args.src,
         args.out,
