@@ -90,3 +90,45 @@ def init_distributed(dist_env: DistEnv | None = None) -> DistEnv:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own slice.
+
+    Every rank's loss may depend on every rank's slice, so the gradient of rank r's slice is the
+    sum over ranks of the gradient its gathered copy received: an all_reduce (SUM) of the
+    gathered gradient, then rank r's rows. all_reduce rather than reduce_scatter, which gloo
+    lacks.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = torch.distributed.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)  # [world * B, ...]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` [B, ...] from every rank along dim 0 -> [world * B, ...], rank order.
+
+    Gradients flow back to each rank's own slice (summed over the ranks' losses), so contrastive
+    negatives from other ranks train this rank's encoder as in one process on the whole batch.
+    Every rank must pass the same shape and call it the same number of times (it is a
+    collective, in forward and in backward). Identity without an initialised process group or
+    with one process.
+    """
+    if (
+        not torch.distributed.is_available()
+        or not torch.distributed.is_initialized()
+        or torch.distributed.get_world_size() == 1
+    ):
+        return x
+    return _GatherWithGrad.apply(x)
