@@ -47,16 +47,18 @@ class LogitScale(nn.Module):
     """Learnable inverse temperature ``s = exp(log_s)``, capped at ``max_scale`` (CLIP).
 
     The parameter stores ``log s``; the cap is a clamp in forward (zero gradient beyond it), so
-    no optimiser hook is needed. Its own module so ZeRO-3 gathers it in its own forward.
+    no optimiser hook is needed. Its own module so ZeRO-3 gathers it in its own forward. The
+    parameter has shape [1], not [], because DeepSpeed broadcasts parameters as bytes and cannot
+    view a 0-dim tensor that way.
     """
 
     def __init__(self, init: float = 1 / 0.07, max_scale: float = 100.0):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init)]))
         self.max_log = math.log(max_scale)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.float().clamp(max=self.max_log).exp()
+        return self.log_scale.float().clamp(max=self.max_log).exp()[0]
 
 
 def symmetric_info_nce(
