@@ -18,6 +18,7 @@ from eoforge.models.attention import Attention, attention
 from eoforge.models.spectral import patchify, unpatchify
 from eoforge.pretrain.contrastive import LogitScale, ProjectionHead, pool, symmetric_info_nce
 from eoforge.pretrain.mae import MAE, random_masking
+from eoforge.pretrain.views import present_mask, valid_mask
 
 # Optical bands are given in nm up to thermal infrared; SAR bands carry the radar wavelength
 # (5.547e7 nm for C-band). Anything at or above this is radar.
@@ -156,7 +157,7 @@ class CROMA(MAE):
     def joint_pass(self, optical: dict, radar: dict) -> dict[str, torch.Tensor]:
         """Shared mask, unimodal encodings, cross encoder and decoder for both views."""
         enc = self.encoder
-        present_o, present_r = _present(optical), _present(radar)
+        present_o, present_r = present_mask(optical), present_mask(radar)
         tokens_o = self._tokens(optical, present_o)  # [B, N, D]
         tokens_r = self._tokens(radar, present_r)  # [B, N, D]
         batch, length, _ = tokens_o.shape
@@ -175,8 +176,8 @@ class CROMA(MAE):
             "mask": mask,
             "pred_o": self.head(z, optical["band_ids"], optical["wavelengths"]),  # [B, C, N, p*p]
             "pred_r": self.head(z, radar["band_ids"], radar["wavelengths"]),  # [B, C', N, p*p]
-            "valid_o": _valid(optical, present_o),
-            "valid_r": _valid(radar, present_r),
+            "valid_o": valid_mask(optical),
+            "valid_r": valid_mask(radar),
         }
 
     def _tokens(self, view: dict, present: torch.Tensor) -> torch.Tensor:
@@ -254,23 +255,6 @@ class CROMA(MAE):
                 "wavelengths": view["wavelengths"],
             }
         return out
-
-
-def _present(view: dict) -> torch.Tensor:
-    """bool [B]: which samples carry this view (all, without a ``present`` entry)."""
-    present = view.get("present")
-    if present is None:
-        image = view["image"]
-        return torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
-    return present.to(torch.bool)
-
-
-def _valid(view: dict, present: torch.Tensor) -> torch.Tensor:
-    """Pixels that count in the MAE loss [B, C, H, W]: valid ones of present samples only."""
-    image = view["image"]
-    valid = view.get("valid")
-    valid = torch.ones_like(image, dtype=torch.bool) if valid is None else valid.to(torch.bool)
-    return valid & present[:, None, None, None]
 
 
 def _head(view: dict, n: int) -> dict:

@@ -37,7 +37,8 @@ from torch import nn
 
 from eoforge.models.less import LessDecoder, LessTokens, LessViT
 from eoforge.models.spectral import patchify, unpatchify
-from eoforge.pretrain.mae import _sensor_views, random_masking
+from eoforge.pretrain.mae import random_masking
+from eoforge.pretrain.views import present_mask, sensor_views, valid_mask
 
 
 def channel_masking(
@@ -196,12 +197,12 @@ class HyperMAE(nn.Module):
         enc = self.encoder
         b = views[0][1]["image"].shape[0]
         device = views[0][1]["image"].device
-        present = torch.stack([_present(v, b, device) for _, v in views], dim=1)  # [B, M]
+        present = torch.stack([present_mask(v) for _, v in views], dim=1)  # [B, M]
         hidden = ~present | self._dropped(present)  # [B, M]
 
         parts, keeps, visible, targets, valids, offset = [], [], [], [], [], 0
         for m, (_, view) in enumerate(views):
-            valid = _valid(view) & present[:, m, None, None, None]  # [B, C, H, W]
+            valid = valid_mask(view)  # [B, C, H, W], absent samples all False
             keep, mask = channel_masking(
                 valid.flatten(2).any(2), self.channel_mask_ratio, self.min_channels
             )  # [B, Kc_m], [B, C_m]
@@ -296,8 +297,8 @@ class HyperMAE(nn.Module):
         r = self.reconstruct(batch)
         p = self.encoder.patch_size
         out = {}
-        for sensor, view in _sensor_views(batch):
-            images, valid = view["image"].float(), _valid(view)
+        for sensor, view in sensor_views(batch):
+            images, valid = view["image"].float(), valid_mask(view)
             grid_h = images.shape[-2] // p
             target = patchify(images.masked_fill(~valid, 0.0), p)  # [b, C, N, p*p]
             recon = r.predictions[sensor].float()
@@ -317,7 +318,7 @@ class HyperMAE(nn.Module):
 
 def _check_views(batch: dict) -> list[tuple[str, dict]]:
     """The sensor views, checked to be single images on one grid."""
-    views = _sensor_views(batch)
+    views = sensor_views(batch)
     if not views:
         raise ValueError("hyper_mae: the batch holds no sensor view")
     first, shape = views[0][0], None
@@ -346,22 +347,6 @@ def _first_samples(view: dict, count: int) -> dict:
         else value
         for key, value in view.items()
     }
-
-
-def _valid(view: dict) -> torch.Tensor:
-    """The view's valid mask [B, C, H, W] (all True when absent)."""
-    valid = view.get("valid")
-    if valid is None:
-        return torch.ones_like(view["image"], dtype=torch.bool)
-    return valid.bool()
-
-
-def _present(view: dict, batch: int, device) -> torch.Tensor:
-    """The view's present flags [B] (all True when absent)."""
-    present = view.get("present")
-    if present is None:
-        return torch.ones(batch, dtype=torch.bool, device=device)
-    return present.to(device, torch.bool)
 
 
 def _concat(parts: list[LessTokens]) -> LessTokens:

@@ -21,6 +21,7 @@ from eoforge.models.spectral import (
     unpatchify,
 )
 from eoforge.models.vit import LearnedToken
+from eoforge.pretrain.views import sensor_views, valid_mask
 
 
 def random_masking(
@@ -91,7 +92,7 @@ class MAE(nn.Module):
         if preview:
             return self.preview(batch)
         out, losses = {}, []
-        for sensor, view in _sensor_views(batch):
+        for sensor, view in sensor_views(batch):
             loss, _, _ = self.reconstruct(view)
             out[f"loss/{sensor}"] = loss.detach()
             losses.append(loss)
@@ -108,7 +109,7 @@ class MAE(nn.Module):
         latent = enc.encode(tokens, keep)  # [B, 1 + K, D]
         z = self.decode(latent, keep, enc.grid(images))  # [B, N, Dd]
         pred = self.head(z, band_ids, wavelengths)  # [B, C, N, p*p]
-        loss = self.loss(images, view.get("valid"), pred, mask)
+        loss = self.loss(images, valid_mask(view), pred, mask)
         return loss, pred, mask
 
     def decode(
@@ -146,7 +147,7 @@ class MAE(nn.Module):
         "band_ids", "wavelengths"}}, each image [b, C, H, W] in normalised units."""
         out = {}
         p = self.encoder.patch_size
-        for sensor, view in _sensor_views(batch):
+        for sensor, view in sensor_views(batch):
             view = {k: (v[:max_images] if torch.is_tensor(v) else v) for k, v in view.items()}
             _, pred, mask = self.reconstruct(view)
             images = view["image"]
@@ -165,8 +166,3 @@ class MAE(nn.Module):
                 "wavelengths": view["wavelengths"],
             }
         return out
-
-
-def _sensor_views(batch: dict):
-    """The per-sensor entries of a batch (everything except ``meta``)."""
-    return [(k, v) for k, v in batch.items() if k != "meta"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from eoforge.models.spectral import patchify, unpatchify
 from eoforge.pretrain.mae import MAE, random_masking
+from eoforge.pretrain.views import present_mask, valid_mask
 
 
 def mixup_choice(present_a: torch.Tensor, present_b: torch.Tensor, length: int) -> torch.Tensor:
@@ -159,7 +160,7 @@ class MixupMAE(MAE):
         """Both mixed views through the shared encoder and decoder, and their losses."""
         (name_a, a), (name_b, b) = self.pair(batch)
         enc = self.encoder
-        present_a, present_b = _present(a), _present(b)
+        present_a, present_b = present_mask(a), present_mask(b)
         tokens_a = self._tokens(a)  # [B, N, D]
         tokens_b = self._tokens(b)  # [B, N, D]
         batch_size, length, dim = tokens_a.shape
@@ -173,7 +174,7 @@ class MixupMAE(MAE):
         z = self.decode(latent, keep2, enc.grid(a["image"]))  # [2B, N, Dd]
         pred_a = self.head(z, a["band_ids"], a["wavelengths"]).unflatten(0, (2, batch_size))
         pred_b = self.head(z, b["band_ids"], b["wavelengths"]).unflatten(0, (2, batch_size))
-        valid_a, valid_b = _valid(a, present_a), _valid(b, present_b)
+        valid_a, valid_b = valid_mask(a), valid_mask(b)
         sensor_losses, view_losses = [], []
         for v in range(2):
             owned = from_a[v].to(mask.dtype)  # [B, N]
@@ -239,23 +240,6 @@ class MixupMAE(MAE):
                 "wavelengths": view["wavelengths"],
             }
         return out
-
-
-def _present(view: dict) -> torch.Tensor:
-    """bool [B]: which samples carry this view (all, without a ``present`` entry)."""
-    present = view.get("present")
-    if present is None:
-        image = view["image"]
-        return torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
-    return present.to(torch.bool)
-
-
-def _valid(view: dict, present: torch.Tensor) -> torch.Tensor:
-    """Pixels that count in the loss [B, C, H, W]: valid ones of present samples only."""
-    valid = view.get("valid")
-    if valid is None:
-        valid = torch.ones_like(view["image"], dtype=torch.bool)
-    return valid.to(torch.bool) & present[:, None, None, None]
 
 
 def _head(view: dict, n: int) -> dict:

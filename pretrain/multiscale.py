@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eoforge.models.spectral import patchify, unpatchify
-from eoforge.pretrain.mae import MAE, _sensor_views
+from eoforge.pretrain.mae import MAE
+from eoforge.pretrain.views import sensor_views, valid_mask
 
 MSE_WEIGHT = 0.6  # SatMAE++: weight of the 1x masked MSE; the upsampled L1 terms share 0.4
 SCALE = 4  # the original sample is 4x the encoder's input
@@ -150,7 +151,7 @@ class MultiScaleMAE(MAE):
         if preview:
             return self.preview(batch)
         out, losses, terms = {}, [], []
-        for sensor, view in _sensor_views(batch):
+        for sensor, view in sensor_views(batch):
             res = self.scales(sensor, view)
             loss = MSE_WEIGHT * res["mse_1x"] + (1 - MSE_WEIGHT) * (res["l1_2x"] + res["l1_4x"]) / 2
             out[f"loss/{sensor}"] = loss.detach()
@@ -178,7 +179,7 @@ class MultiScaleMAE(MAE):
                 f"multiscale_mae: {sensor} images are {tuple(image.shape[-2:])} pixels; both sides "
                 f"must be multiples of {side} (4 x patch size {self.encoder.patch_size})"
             )
-        valid = _valid(view)
+        valid = valid_mask(view)
         low, low_valid = downsample(image, valid, SCALE)  # [B, C, H/4, W/4]
         half, half_valid = downsample(image, valid, 2)  # [B, C, H/2, W/2]
         gsd = view.get("gsd")
@@ -207,7 +208,7 @@ class MultiScaleMAE(MAE):
         visible low-resolution patches (nearest-upsampled, hidden ones zero) and the 4x output."""
         out = {}
         p = self.encoder.patch_size
-        for sensor, view in _sensor_views(batch):
+        for sensor, view in sensor_views(batch):
             view = {k: (v[:max_images] if torch.is_tensor(v) else v) for k, v in view.items()}
             res = self.scales(sensor, view)
             low = res["input"]
@@ -221,14 +222,3 @@ class MultiScaleMAE(MAE):
                 "wavelengths": view["wavelengths"],
             }
         return out
-
-
-def _valid(view: dict) -> torch.Tensor:
-    """bool [B, C, H, W]: valid pixels of the samples that carry this sensor."""
-    image = view["image"]
-    valid = view.get("valid")
-    valid = torch.ones_like(image, dtype=torch.bool) if valid is None else valid.to(torch.bool)
-    present = view.get("present")
-    if present is not None:
-        valid = valid & present.to(torch.bool)[:, None, None, None]
-    return valid

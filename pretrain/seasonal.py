@@ -30,6 +30,7 @@ from torch import nn
 from eoforge.launch.distributed import gather_with_grad
 from eoforge.models.vit import SpectralViT
 from eoforge.pretrain.contrastive import KeyQueue, info_nce, pool
+from eoforge.pretrain.views import present_mask
 
 # What each head's embedding is invariant to, in SeCo's order (head i's positive is key k_i).
 HEADS = ("all", "season", "augmentation")
@@ -218,7 +219,7 @@ class SeasonalContrast(nn.Module):
         aug_q, aug_0, aug_2 = (
             Augmentation.draw(b, device, self.min_crop_scale, self.brightness) for _ in range(3)
         )
-        present = _present(view, b, device)
+        present = present_mask(view)
 
         v_q = pool(self._encode(self.encoder, aug_q(own), view, t_own))  # [B, D]
         with torch.no_grad():
@@ -279,11 +280,3 @@ class SeasonalContrast(nn.Module):
         everywhere = gather_with_grad(present.float()) > 0  # [world * B]
         for queue, k in zip(self.queues, keys, strict=True):
             queue.enqueue(gather_with_grad(k)[everywhere])
-
-
-def _present(view: dict, batch: int, device) -> torch.Tensor:
-    """bool [B]: which samples carry this view (all, without a ``present`` entry)."""
-    present = view.get("present")
-    if present is None:
-        return torch.ones(batch, dtype=torch.bool, device=device)
-    return present.to(torch.bool)

@@ -47,7 +47,8 @@ from eoforge.models.attention import attention
 from eoforge.models.pos_embed import sincos_2d
 from eoforge.models.spectral import patchify, unpatchify
 from eoforge.pretrain.hog import hog_energy
-from eoforge.pretrain.mae import MAE, _sensor_views
+from eoforge.pretrain.mae import MAE
+from eoforge.pretrain.views import sensor_views, valid_mask
 
 PHASE_BOUNDS = (0.35, 0.375, 0.725, 0.75)  # epochs 280, 300, 580, 600 of 800
 
@@ -205,7 +206,7 @@ class SelectiveMAE(MAE):
         if preview:
             return self.preview(batch)
         out, losses = {}, []
-        for sensor, view in _sensor_views(batch):
+        for sensor, view in sensor_views(batch):
             loss, *_ = self.reconstruct(view)
             out[f"loss/{sensor}"] = loss.detach()
             losses.append(loss)
@@ -246,7 +247,7 @@ class SelectiveMAE(MAE):
         """One sensor's view -> (loss, predictions [B, C, M, p*p] at the targets, keep [B, K],
         targets [B, M])."""
         images, band_ids, wavelengths = view["image"], view["band_ids"], view["wavelengths"]
-        valid = _valid(view)
+        valid = valid_mask(view)
         enc, p = self.encoder, self.encoder.patch_size
         tokens = enc.tokenize(images, band_ids, wavelengths, view.get("gsd"), view.get("time"))
         keep, targets = self.select(tokens.detach(), hog_energy(images, p, valid))
@@ -285,7 +286,7 @@ class SelectiveMAE(MAE):
         patches stay blank (0)."""
         out = {}
         p = self.encoder.patch_size
-        for sensor, view in _sensor_views(batch):
+        for sensor, view in sensor_views(batch):
             view = {k: (v[:max_images] if torch.is_tensor(v) else v) for k, v in view.items()}
             _, pred, keep, targets = self.reconstruct(view)
             images = view["image"]
@@ -309,14 +310,3 @@ class SelectiveMAE(MAE):
                 "wavelengths": view["wavelengths"],
             }
         return out
-
-
-def _valid(view: dict) -> torch.Tensor | None:
-    """The view's valid mask with absent samples (``present`` False) fully invalid."""
-    valid = view.get("valid")
-    present = view.get("present")
-    if present is None:
-        return valid
-    if valid is None:
-        valid = torch.ones_like(view["image"], dtype=torch.bool)
-    return valid & present[:, None, None, None].bool()
