@@ -35,7 +35,8 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     """One objective (``name`` + its constructor options ``kwargs``), or a weighted sum of
-    ``terms``, each ``{name, weight, kwargs}``, over one shared encoder (pretrain/objectives.py)."""
+    ``terms``, each ``{name, weight, kwargs}``, over one shared encoder (pretrain/objectives.py).
+    A term naming ``name`` without kwargs of its own uses ``kwargs``."""
 
     name: str = "mae"
     kwargs: dict = field(default_factory=dict)

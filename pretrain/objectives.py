@@ -51,7 +51,11 @@ def check_kwargs(name: str, kwargs: dict, key: str) -> None:
 
 
 def terms_of(cfg: ObjectiveConfig) -> list[tuple[str, float, dict, str]]:
-    """(name, weight, kwargs, config key) per term: ``cfg.terms`` if given, else ``cfg`` itself."""
+    """(name, weight, kwargs, config key) per term: ``cfg.terms`` if given, else ``cfg`` itself.
+
+    A term without ``kwargs`` that names ``cfg.name`` takes ``cfg.kwargs``, so a shipped config's
+    recipe carries over when it is composed with another objective.
+    """
     if not cfg.terms:
         return [(cfg.name, 1.0, dict(cfg.kwargs), "objective.kwargs")]
     terms = []
@@ -60,14 +64,12 @@ def terms_of(cfg: ObjectiveConfig) -> list[tuple[str, float, dict, str]]:
         unknown = set(term) - {"name", "weight", "kwargs"}
         if unknown or "name" not in term:
             raise ValueError(f"{key}: a term is {{name, weight, kwargs}}; got keys {sorted(term)}")
-        terms.append(
-            (
-                term["name"],
-                float(term.get("weight", 1.0)),
-                dict(term.get("kwargs") or {}),
-                f"{key}.kwargs",
-            )
-        )
+        kwargs = term.get("kwargs")
+        if kwargs is None and term["name"] == cfg.name:
+            kwargs, where = cfg.kwargs, "objective.kwargs"
+        else:
+            where = f"{key}.kwargs"
+        terms.append((term["name"], float(term.get("weight", 1.0)), dict(kwargs or {}), where))
     return terms
 
 
@@ -78,10 +80,10 @@ def objective_label(cfg: ObjectiveConfig) -> str:
 
 def validate_objective(cfg: ObjectiveConfig) -> None:
     """Names and options of every term are known (runs before any process group starts)."""
-    for name, weight, kwargs, key in terms_of(cfg):
+    for i, (name, weight, kwargs, key) in enumerate(terms_of(cfg)):
         check_kwargs(name, kwargs, key)
         if weight <= 0:
-            raise ValueError(f"{key.removesuffix('.kwargs')}.weight={weight}: must be > 0")
+            raise ValueError(f"objective.terms[{i}].weight={weight}: must be > 0")
 
 
 def build_objective(cfg: ObjectiveConfig, encoder: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ from test_mae import _batch
 from eoforge.models import create_model
 from eoforge.pretrain.config import ObjectiveConfig
 from eoforge.pretrain.mae import MAE
-from eoforge.pretrain.objectives import Composite, build_objective, validate_objective
+from eoforge.pretrain.objectives import Composite, build_objective, terms_of, validate_objective
 
 
 def test_unknown_objective_lists_the_known_ones():
@@ -62,3 +62,13 @@ def test_composite_refuses_separate_encoders():
     b = MAE(create_model("vit_test_patch8"), **small)
     with pytest.raises(ValueError, match="share one encoder"):
         Composite({"a": (1.0, a), "b": (1.0, b)})
+
+
+def test_a_term_naming_the_config_objective_inherits_its_options():
+    cfg = ObjectiveConfig(
+        name="mae",
+        kwargs={"decoder_dim": 48},
+        terms=[{"name": "mae", "weight": 1.0}, {"name": "croma", "weight": 0.5}],
+    )
+    terms = {name: (weight, kwargs) for name, weight, kwargs, _ in terms_of(cfg)}
+    assert terms == {"mae": (1.0, {"decoder_dim": 48}), "croma": (0.5, {})}
