@@ -6,15 +6,18 @@ right or bottom edge (and whole scenes smaller than a tile) are padded with inva
 whose valid fraction is below ``min_valid`` is skipped. Writing is atomic: shards go into
 ``OUT/.tmp-<pid>/`` and are renamed into ``OUT`` at the end; on any error the temporary folder
 is removed and ``OUT`` is left as it was (``write_shard_folder``, shared with the multi-sensor
-and time-series builds of ``eoforge.datasets.pairs``). ``verify_shards`` checks either kind of
-folder.
+and time-series builds of ``eoforge.datasets.pairs``). index.json is the build's manifest: each
+shard's sample count and sha256. ``verify_shards`` checks either kind of folder against it.
+Optional quality thresholds (``eoforge.datasets.quality``) drop cloudy or mostly-empty tiles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.geotiff import INTEGER_DTYPES, Scene, discover_scenes, read_scene
+from eoforge.datasets.quality import QualityFilter
 from eoforge.datasets.sensors import Sensor, band_table, get_sensor
 from eoforge.datasets.shards import (
     FORMAT,
@@ -59,6 +63,8 @@ def build_shards(
     shard_size: int = 256,
     gsd: float | None = None,
     min_valid: float = 0.5,
+    max_cloud_fraction: float | None = None,
+    max_nodata_fraction: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -74,18 +80,25 @@ def build_shards(
         shard_size: samples per shard.
         gsd: target pixel size in metres (default: the finest band's grid).
         min_valid: tiles with a smaller fraction of valid pixels are skipped.
+        max_cloud_fraction: drop tiles whose fraction of cloudy pixels, from the cloud layers
+            shipped with each scene, exceeds this (see ``eoforge.datasets.quality``).
+        max_nodata_fraction: drop tiles whose fraction of pixels without any valid band
+            exceeds this.
         overwrite: replace shards (and the now stale stats.json) already in ``out``.
         progress: show a progress bar over scenes.
 
     Returns:
-        A summary: output folder, scene/sample/shard counts, skipped tiles and scenes, and the
-        invalid (nodata/NaN) pixels found.
+        A summary: output folder, scene/sample/shard counts, skipped tiles and scenes, the
+        invalid (nodata/NaN) pixels found, and ``quality`` (thresholds, tiles kept and dropped
+        per reason, scenes per cloud layer; also stored in index.json).
 
     Raises:
         DataError: empty input, unknown band names, band-count mismatches, existing shards
-            without ``overwrite``, or no tile kept.
+            without ``overwrite``, a cloud threshold for a scene without a cloud layer, or no
+            tile kept.
     """
     check_build_options(tile_size, shard_size, min_valid)
+    quality = QualityFilter(max_cloud_fraction, max_nodata_fraction)
     src, out = Path(src), Path(out)
     sensor = get_sensor(sensor) if isinstance(sensor, str) else sensor
     scenes = discover_scenes(src, sensor, bands=bands, pattern=pattern)
@@ -113,9 +126,12 @@ def build_shards(
                 continue
             for row in band_table(scene.bands):
                 bands_seen.setdefault(row["band_id"], row)
+            quality.start_scene(source, scene)
             for window, image, valid in tiles(scene, tile_size):
                 if valid.mean() < min_valid:
                     summary["tiles_skipped"] += 1
+                    continue
+                if not quality.check(window, valid):
                     continue
                 key = unique_key(f"{scene.sensor}_{scene.name}_r{window[0]}_c{window[1]}", keys)
                 stored = stored_array(image, valid, scene.source)
@@ -131,19 +147,23 @@ def build_shards(
             "bands": list(bands_seen.values()),
             "source": str(src.resolve()),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "quality": quality.report(),
         }
 
     def nothing_kept() -> DataError:
+        dropped = quality.report()["tiles_dropped"]
         return DataError(
             f"no tile of {src} was kept: {summary['tiles_skipped']} tiles had less than "
-            f"min_valid={min_valid} valid pixels and {summary['scenes_skipped']} scenes had no "
-            "valid pixel; lower --min-valid or --tile-size, or check the nodata of the inputs"
+            f"min_valid={min_valid} valid pixels, {dropped['nodata']} more nodata than "
+            f"max_nodata_fraction={max_nodata_fraction}, {dropped['cloud']} more cloud than "
+            f"max_cloud_fraction={max_cloud_fraction}, and {summary['scenes_skipped']} scenes had "
+            "no valid pixel; relax those thresholds or --tile-size, or check the nodata of the inputs"
         )
 
     counts = write_shard_folder(
         out, samples(), index, shard_size=shard_size, overwrite=overwrite, empty=nothing_kept
     )
-    summary.update(samples=sum(counts), shards=len(counts))
+    summary.update(samples=sum(counts), shards=len(counts), quality=quality.report())
     return summary
 
 
@@ -167,7 +187,7 @@ def write_shard_folder(
         empty: the error to raise when ``samples`` yields nothing.
 
     Returns:
-        Samples per shard.
+        Samples per shard; index.json's ``shards`` rows also get each shard's ``sha256``.
     """
     existing = _existing_outputs(out)
     if any(p.name != STATS_FILE for p in existing) and not overwrite:
@@ -185,7 +205,10 @@ def write_shard_folder(
         writer.close()
         if not writer.counts:
             raise empty()
-        (tmp / INDEX_FILE).write_text(json.dumps(index(writer.counts), indent=1))
+        contents = index(writer.counts)
+        for row in contents["shards"]:  # the manifest ``verify_shards`` checks shards against
+            row["sha256"] = file_sha256(tmp / row["name"])
+        (tmp / INDEX_FILE).write_text(json.dumps(contents, indent=1))
         for path in existing:
             path.unlink()
         for i in range(len(writer.counts)):
@@ -199,6 +222,12 @@ def write_shard_folder(
             out.rmdir()
         raise
     return writer.counts
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_build_options(tile_size: int, shard_size: int, min_valid: float) -> None:
@@ -342,15 +371,16 @@ class _ShardWriter:
 def verify_shards(folder: str | Path) -> dict:
     """Read every sample of a shard folder back and check it against its index.json.
 
-    Checks per shard the sample count, and per sample: the members, a stored dtype, [C, H, W]
+    Checks per shard the sha256 recorded at build time (folders built before the manifest
+    existed have none: a warning says so) and the sample count, and per sample: the members, a stored dtype, [C, H, W]
     shapes ([T, C, H, W] for time series, with T timestamps), the valid mask's shape,
     ``band_ids``/``wavelengths``/``bandwidths`` of length C, the id matching the key, unique keys,
     and finally the per-sensor totals. In group folders every sensor of a sample must be on one
     grid, and a sensor counts where the sample holds it (``present``).
 
     Returns:
-        ``{"folder", "shards", "samples", "sensors", "shapes", "dtypes"}``, plus ``"missing"``
-        (samples lacking each sensor) for group folders.
+        ``{"folder", "shards", "samples", "sha256_checked" (shards), "sensors", "shapes",
+        "dtypes"}``, plus ``"missing"`` (samples lacking each sensor) for group folders.
 
     Raises:
         DataError: naming the shard, sample key and sensor at fault.
@@ -360,11 +390,20 @@ def verify_shards(folder: str | Path) -> dict:
     grouped = "group" in index
     tally = {"samples": 0, "sensors": {}, "missing": {}, "shapes": {}, "dtypes": {}}
     keys: set[str] = set()
+    unchecked = []
     for row in index["shards"]:
         path = folder / row["name"]
         if not path.is_file():
             raise DataError(
                 f"{path} is listed in {folder / INDEX_FILE} but missing; rebuild the shards"
+            )
+        if "sha256" not in row:
+            unchecked.append(row["name"])
+        elif (digest := file_sha256(path)) != row["sha256"]:
+            raise DataError(
+                f"{path}: sha256 {digest} differs from {row['sha256']} recorded in "
+                f"{folder / INDEX_FILE} at build time ({_count_note(path, row['samples'])}); "
+                "the shard changed after it was built: rebuild it or restore it from a copy"
             )
         count = 0
         for raw in iter_tar_samples(path):
@@ -388,10 +427,18 @@ def verify_shards(folder: str | Path) -> dict:
             f"{folder}: samples per sensor {sensors} differ from {INDEX_FILE}'s "
             f"{index['sensors']} (total {total} samples, {INDEX_FILE} says {index['samples']})"
         )
+    if unchecked:
+        warnings.warn(
+            f"{folder / INDEX_FILE} records no sha256 for {len(unchecked)} shard(s) "
+            f"({', '.join(unchecked[:3])}{' ...' if len(unchecked) > 3 else ''}); their bytes "
+            "were not checked: rebuild with this version to get a manifest",
+            stacklevel=2,
+        )
     result = {
         "folder": str(folder),
         "shards": len(index["shards"]),
         "samples": total,
+        "sha256_checked": len(index["shards"]) - len(unchecked),
         "sensors": sensors,
         "shapes": tally["shapes"],
         "dtypes": tally["dtypes"],
@@ -405,6 +452,15 @@ def verify_shards(folder: str | Path) -> dict:
             )
         result["missing"] = missing
     return result
+
+
+def _count_note(path: Path, expected: int) -> str:
+    """What a changed shard still holds, for the error that reports it."""
+    try:
+        count = sum(1 for _ in iter_tar_samples(path))
+    except (tarfile.TarError, DataError, OSError) as exc:
+        return f"it no longer reads as a tar: {exc}"
+    return f"it holds {count} samples, {INDEX_FILE} says {expected}"
 
 
 def _count(counter: dict, key: str) -> None:

@@ -1,4 +1,4 @@
-"""Streaming reader: shards -> normalised, sensor-homogeneous batches (WebDataset + DataLoader).
+"""Streaming reader: shards -> normalised, sensor-homogeneous batches, resumable mid-epoch.
 
 Sample contract (one sample, see ``to_sample``)::
 
@@ -7,12 +7,16 @@ Sample contract (one sample, see ``to_sample``)::
               "valid": bool [C, H, W], "gsd": float m, "time": int64 unix seconds (absent if unknown)},
      "meta": {"id": str, "crs": str, "bounds": [4], "source": str, "shard": str}}
 
-Batch contract (one micro-batch, see ``collate``): one sensor, one band set, one image size::
+Batch contract (one micro-batch, see ``collate``): one sensor, one image size::
 
     {sensor: {"image": float32 [B, C, H, W], "valid": bool [B, C, H, W], "band_ids": list[str] (C),
               "wavelengths": float32 [B, C], "bandwidths": float32 [B, C], "gsd": float32 [B],
               "time": int64 [B] (only when every sample has one)},
      "meta": {"id", "source", "shard", "crs", "bounds": lists of B}}
+
+Samples of one sensor whose band sets differ (a band missing from some scenes) share a batch:
+its ``band_ids`` are the union in registry order and a sample's absent bands are zeros with
+``valid`` False, so the mask pads only what a sample lacks and nothing is padded across sensors.
 
 Group shards (several co-registered sensors and/or a time axis, see ``eoforge.datasets.shards``)
 give samples with one view per sensor of the build, all on one grid, each with ``"present"``
@@ -21,41 +25,56 @@ a time series view has ``image``/``valid`` [T, C, H, W] and ``time`` int64 [T]. 
 stack every view (``image`` [B, (T,) C, H, W], ``present`` [B], ``time`` [B(, T)] where every
 sample has one) and batch only samples of one sensor set, band sets and sizes.
 
-Order of one epoch on one rank: the shard list is shuffled with ``random.Random(seed + epoch)``,
-split across ranks (shard ``i`` goes to rank ``i % world_size``) and then across DataLoader
-workers (``i % num_workers`` of the rank's shards); each worker shuffles its samples in a buffer
-seeded by (seed, epoch, rank, worker), normalises them and fills one buffer per
-(sensor, band_ids, H, W), emitting a batch whenever a buffer holds ``batch_size`` samples.
-Incomplete buffers are dropped at the end of the epoch. The DataLoader takes batches from its
-workers in turn, so the stream is a pure function of (shards, seed, rank, world size,
-num_workers, batch_size, shuffle_buffer): a resumed run that skips ``k`` batches sees exactly
-the batches an uninterrupted run sees after its first ``k``.
+Sources and the weighted sampler: the shards of each shard set (one set, or several with weights:
+a mixture, see ``ShardSet``) are grouped by sensor (sensor group for group shards) into
+sources. Each source has epochs of its own: epoch ``e`` shuffles the source's shards with
+``random.Random((seed, source, e))``, gives shard ``i`` to rank ``i % world_size`` and then to
+worker ``j % num_workers`` of the rank's ``j``-th shard. Each worker draws the source of its next
+batch from a generator seeded by (seed, rank, worker, draw number), with probability
+proportional to the source's weight (default: the set's weight times the sensor's share of the
+set's samples; ``sensor_weights`` overrides the share), and fills the batch with that source's
+next ``batch_size`` samples; the incomplete batch at the end of a source's epoch is dropped.
+Within a shard, samples are shuffled by a buffer seeded by (seed, epoch, shard), so a position
+(epoch, shard, offset) per source and worker is exact. The DataLoader takes batches from its
+workers in turn.
+
+Position: ``ShardStream.state_dict()`` holds, per worker of this rank, the draw count and each
+source's (epoch, shard, offset) after the last batch handed out, and which worker is next;
+``load_state_dict`` continues from there: shards before the position are not opened, samples
+before the offset within its shard are read but never decoded, and the batches that follow are
+those an uninterrupted stream gives, so within an epoch no sample is repeated or skipped.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
-from functools import partial
-from itertools import islice
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from eoforge.datasets.errors import DataError
+from eoforge.datasets.sensors import SENSORS
 from eoforge.datasets.shards import (
     META,
     decode_group,
     decode_sample,
     is_group,
+    iter_tar_samples,
     list_shards,
+    read_index,
     shard_sample_counts,
 )
 from eoforge.datasets.stats import Normaliser
+
+Transform = Callable[[dict, torch.Generator], dict]
+STATE_VERSION = 1
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -66,18 +85,6 @@ def distributed_rank() -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1
-
-
-def split_by_rank(src: Iterator, *, rank: int, world_size: int) -> Iterator:
-    """Every ``world_size``-th shard from ``rank`` on: ``webdataset.split_by_node``'s split, with
-    the rank fixed in the main process.
-
-    ``webdataset.split_by_node`` (1.0.2) looks the rank up when the DataLoader worker starts,
-    RANK/WORLD_SIZE first, torch.distributed second. Inside a worker started with ``spawn`` or
-    ``forkserver`` torch.distributed is not initialised, so a process group set up without those
-    variables would give every rank the rank-0 shards; fixing the rank beforehand avoids that.
-    """
-    yield from islice(src, rank, None, world_size)
 
 
 def to_sample(raw: dict, normaliser: Normaliser) -> dict:
@@ -157,26 +164,69 @@ def sensor_of(sample: dict) -> str:
 
 
 def batch_key(sample: dict) -> tuple:
-    """What a batch must share: (sensor, band_ids, H, W) for a single-sensor sample; for a time
-    series (sensor, band_ids, T, H, W); for several sensors, one such tuple per sensor."""
+    """What a batch must share: (sensor, H, W) for a single-sensor sample (its band set may
+    differ, see ``collate``); for a time series (sensor, band_ids, T, H, W); for several
+    sensors, one such tuple per sensor with its band_ids."""
+    sensors = sensors_of(sample)
+    view = sample[sensors[0]]
+    if len(sensors) == 1 and view["image"].ndim == 3:
+        return (sensors[0], *view["image"].shape[-2:])
     keys = tuple(
         (sensor, tuple(view["band_ids"]), *view["image"].shape[:-3], *view["image"].shape[-2:])
-        for sensor, view in ((s, sample[s]) for s in sensors_of(sample))
+        for sensor, view in ((s, sample[s]) for s in sensors)
     )
     return keys[0] if len(keys) == 1 else keys
 
 
 def collate(samples: Sequence[dict]) -> dict:
-    """Samples sharing a ``batch_key`` -> the batch contract (module docstring)."""
+    """Samples sharing a ``batch_key`` -> the batch contract (module docstring); single-sensor
+    samples with different band sets are put on the union of their bands (``pad_bands``)."""
     keys = {batch_key(s) for s in samples}
     if len(keys) != 1:
         raise DataError(f"cannot batch samples of different sensors/bands/sizes: {sorted(keys)}")
-    batch = {sensor: _stack([s[sensor] for s in samples]) for sensor in sensors_of(samples[0])}
+    sensors = sensors_of(samples[0])
+    views = {sensor: [s[sensor] for s in samples] for sensor in sensors}
+    if len(sensors) == 1 and len({tuple(v["band_ids"]) for v in views[sensors[0]]}) > 1:
+        views[sensors[0]] = pad_bands(sensors[0], views[sensors[0]])
+    batch = {sensor: _stack(views[sensor]) for sensor in sensors}
     batch["meta"] = {
         field: [s["meta"][field] for s in samples]
         for field in ("id", "source", "shard", "crs", "bounds")
     }
     return batch
+
+
+def pad_bands(sensor: str, views: Sequence[dict]) -> list[dict]:
+    """Single-sensor views ([C, H, W]) on the union of their band sets, in the sensor's registry
+    order (bands unknown to the registry after, in order of appearance): a view's absent bands
+    are zeros with ``valid`` False and carry the wavelength/bandwidth of the views that have them.
+    """
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for view in views:
+        for c, band_id in enumerate(view["band_ids"]):
+            rows.setdefault(band_id, (view["wavelengths"][c], view["bandwidths"][c]))
+    registry = [b.band_id for b in SENSORS[sensor].bands] if sensor in SENSORS else []
+    known = [b for b in registry if b in rows]
+    union = known + [b for b in rows if b not in known]
+    wavelengths = torch.stack([rows[b][0] for b in union])  # [C]
+    bandwidths = torch.stack([rows[b][1] for b in union])  # [C]
+    padded = []
+    for view in views:
+        index = torch.tensor([union.index(b) for b in view["band_ids"]])
+        image = view["image"].new_zeros((len(union), *view["image"].shape[-2:]))  # [C, H, W]
+        valid = torch.zeros(image.shape, dtype=torch.bool)
+        image[index], valid[index] = view["image"], view["valid"]
+        padded.append(
+            view
+            | {
+                "image": image,
+                "valid": valid,
+                "band_ids": list(union),
+                "wavelengths": wavelengths,
+                "bandwidths": bandwidths,
+            }
+        )
+    return padded
 
 
 def _stack(views: Sequence[dict]) -> dict:
@@ -196,59 +246,83 @@ def _stack(views: Sequence[dict]) -> dict:
     return batch
 
 
-def _shuffle_samples(src: Iterator[dict], *, bufsize: int, seed: str) -> Iterator[dict]:
-    # The worker id is only known inside the worker process, so the rng is seeded here.
-    worker = get_worker_info()
-    rng = random.Random(f"{seed}:{worker.id if worker else 0}")
-    buffer: list[dict] = []
-    for sample in src:
-        if len(buffer) < bufsize:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(len(buffer))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
+@dataclass(frozen=True)
+class ShardSet:
+    """One shard set of a mixture and its sampling weight.
+
+    Attributes:
+        urls: shard folder(s), brace pattern(s), ``pipe:`` command(s) or ``.tar`` paths (see
+            ``shards.list_shards``).
+        weight: this set's share of the batches (relative to the other sets' weights).
+    """
+
+    urls: str | Path | Sequence[str | Path]
+    weight: float = 1.0
 
 
-def _normalise(src: Iterator[dict], *, normaliser: Normaliser) -> Iterator[dict]:
-    for raw in src:
-        yield to_sample(raw, normaliser)
+@dataclass(frozen=True)
+class Source:
+    """What the weighted sampler draws from: the shards of one sensor (or one sensor group) of
+    one shard set, with its weight (``key`` is ``"<set index>:<sensor>"``, e.g. ``"0:S2L2A"``)."""
+
+    key: str
+    shards: tuple[str, ...]
+    weight: float
 
 
-def _batch_by_key(src: Iterator[dict], *, batch_size: int) -> Iterator[dict]:
-    buffers: dict[tuple, list[dict]] = {}
-    for sample in src:
-        buffer = buffers.setdefault(batch_key(sample), [])
-        buffer.append(sample)
-        if len(buffer) == batch_size:
-            yield collate(buffer)
-            buffer.clear()
+def shard_sensor(url: str) -> str:
+    """The sensor of a shard's samples (``"S2L2A"``; ``"S2L2A+S1GRD"`` for group shards): from
+    the index.json next to a local shard, else from the shard's first sample."""
+    if not url.startswith("pipe:") and "://" not in url:
+        try:
+            index = read_index(Path(url).parent)
+        except (DataError, OSError, ValueError):
+            index = {}
+        if "group" in index:
+            return "+".join(index["group"]["sensors"])
+        if len(index.get("sensors", {})) == 1:
+            return next(iter(index["sensors"]))
+    for raw in iter_tar_samples(url):
+        meta = json.loads(raw[META])
+        return "+".join(meta["sensors"]) if is_group(meta) else meta["sensor"]
+    raise DataError(f"shard {url} holds no sample; rebuild it (eoforge data build)")
+
+
+def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
+    """Seed of one sample's random transform: a pure function of (seed, epoch, sample id), so an
+    augmentation is the same whichever worker, rank or resume reads the sample."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class ShardStream:
-    """Infinite, deterministic stream of normalised sensor-homogeneous batches.
+    """Deterministic, resumable stream of normalised sensor-homogeneous batches (module docstring).
 
     Args:
-        urls: shard folder(s), brace pattern(s) or ``.tar`` paths (see ``shards.list_shards``);
-            resolved when iteration starts.
+        urls: shard folder(s), brace pattern(s), ``pipe:`` command(s) or ``.tar`` paths (see
+            ``shards.list_shards``), or a list of ``ShardSet`` (a weighted mixture); resolved
+            when iteration starts.
         normaliser: per-band normalisation covering every band in the shards.
         batch_size: samples per micro-batch (per rank).
-        seed: seed of the shard and sample shuffles.
-        shuffle_buffer: samples held by each worker's shuffle buffer (1 = no sample shuffle).
+        seed: seed of the shard order, the sample shuffles, the sensor draws and the transforms.
+        shuffle_buffer: samples held by the within-shard shuffle buffer (1 = file order).
         num_workers: DataLoader worker processes (0 = read in this process).
         rank, world_size: this process's share of the shards; default ``distributed_rank()``.
+        sensor_weights: weight of each sensor within a shard set (default: its sample count).
+        transform: ``transform(sample, generator) -> sample`` applied to each sample after
+            normalisation, with a ``torch.Generator`` seeded by ``sample_seed``.
 
     Example:
         >>> stream = ShardStream(["shards/s2", "shards/s1"], Normaliser.from_files(
         ...     ["shards/s2/stats.json", "shards/s1/stats.json"]), batch_size=8)
-        >>> batch = next(stream.iter_batches())
+        >>> batches = stream.iter_batches()
+        >>> batch = next(batches)
+        >>> position = stream.state_dict()  # save with the checkpoint; load_state_dict resumes
     """
 
     def __init__(
         self,
-        urls: str | Path | Sequence[str | Path],
+        urls: str | Path | Sequence[str | Path] | Sequence[ShardSet],
         normaliser: Normaliser,
         *,
         batch_size: int,
@@ -257,6 +331,8 @@ class ShardStream:
         num_workers: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        sensor_weights: Mapping[str, float] | None = None,
+        transform: Transform | None = None,
     ) -> None:
         if batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
             raise DataError(
@@ -267,6 +343,9 @@ class ShardStream:
             raise DataError("pass both rank and world_size, or neither")
         if world_size is not None and not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
+        for name, weight in (sensor_weights or {}).items():
+            if not weight >= 0:
+                raise DataError(f"sensor_weights[{name}]={weight}: must be >= 0")
         self.urls = urls
         self.normaliser = normaliser
         self.batch_size = batch_size
@@ -275,81 +354,280 @@ class ShardStream:
         self.num_workers = num_workers
         self.rank = rank
         self.world_size = world_size
+        self.sensor_weights = dict(sensor_weights) if sensor_weights else None
+        self.transform = transform
+        self._sources: list[Source] | None = None
+        self._workers = [{"draws": 0, "sources": {}} for _ in range(max(1, num_workers))]
+        self._next_worker = 0
 
-    def shard_order(self, epoch: int) -> list[str]:
-        """All shards in this epoch's order (before splitting across ranks and workers)."""
-        shards = list_shards(self.urls)
-        random.Random(self.seed + epoch).shuffle(shards)
-        return shards
+    def shard_sets(self) -> list[ShardSet]:
+        """The shard sets read (one unless ``urls`` is a mixture)."""
+        urls = self.urls
+        if isinstance(urls, list | tuple) and urls and all(isinstance(u, ShardSet) for u in urls):
+            return list(urls)
+        return [ShardSet(urls)]
+
+    def sources(self) -> list[Source]:
+        """The sources the sampler draws from, found once (lists shards, reads index files)."""
+        if self._sources is None:
+            self._sources = self._find_sources()
+        return self._sources
+
+    def _find_sources(self) -> list[Source]:
+        sources = []
+        for i, shard_set in enumerate(self.shard_sets()):
+            if not shard_set.weight > 0:
+                raise DataError(f"shard set {i} ({shard_set.urls}) has weight {shard_set.weight}")
+            by_sensor: dict[str, list[str]] = {}
+            for url in list_shards(shard_set.urls):
+                by_sensor.setdefault(shard_sensor(url), []).append(url)
+            if self.sensor_weights is None:
+                shares = {sensor: _sample_count(urls) for sensor, urls in by_sensor.items()}
+            else:
+                missing = sorted(set(by_sensor) - set(self.sensor_weights))
+                if missing:
+                    raise DataError(
+                        f"sensor_weights has no weight for sensor {missing[0]} of shard set {i} "
+                        f"({shard_set.urls}); give every sensor read a weight (0 leaves it out)"
+                    )
+                shares = {sensor: self.sensor_weights[sensor] for sensor in by_sensor}
+            total = sum(shares.values())
+            for sensor, urls in by_sensor.items():
+                weight = shard_set.weight * shares[sensor] / total if total > 0 else 0.0
+                sources.append(Source(f"{i}:{sensor}", tuple(urls), weight))
+        return sources
 
     def _rank(self) -> tuple[int, int]:
         return (self.rank, self.world_size) if self.world_size is not None else distributed_rank()
 
-    def dataset(self, epoch: int) -> wds.WebDataset:
-        """The WebDataset pipeline of one epoch on this rank, yielding batches."""
+    def worker_shards(
+        self, source: Source, epoch: int, rank: int, world_size: int, worker: int, workers: int
+    ) -> list[str]:
+        """One worker's shards of a source in one epoch, in reading order."""
+        order = list(source.shards)
+        random.Random(f"{self.seed}:{source.key}:{epoch}").shuffle(order)
+        return order[rank::world_size][worker::workers]
+
+    def state_dict(self) -> dict:
+        """This rank's position: per worker, the draws made and each source's next
+        (epoch, shard, offset) after the last batch handed out by ``iter_batches``."""
         rank, world_size = self._rank()
-        pipeline = wds.WebDataset(
-            self.shard_order(epoch),
-            shardshuffle=False,  # shuffled above, identically on every rank and worker
-            nodesplitter=partial(split_by_rank, rank=rank, world_size=world_size),
-            workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
-        return pipeline.compose(
-            partial(
-                _shuffle_samples, bufsize=self.shuffle_buffer, seed=f"{self.seed}:{epoch}:{rank}"
-            ),
-            partial(_normalise, normaliser=self.normaliser),
-            partial(_batch_by_key, batch_size=self.batch_size),
-        )
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "rank": rank,
+            "world_size": world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "next_worker": self._next_worker,
+            "workers": copy.deepcopy(self._workers),
+        }
 
-    def epoch_batches(self, epoch: int) -> Iterator[dict]:
-        """The batches of one epoch on this rank (finite; may be empty)."""
-        # A private generator: the DataLoader draws its worker base seed from it, which would
-        # otherwise advance the caller's global torch RNG every epoch.
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        loader = DataLoader(
-            self.dataset(epoch), batch_size=None, num_workers=self.num_workers, generator=generator
-        )
-        yield from loader
-
-    def iter_batches(self, start_epoch: int = 0, skip_batches: int = 0) -> Iterator[dict]:
-        """Batches forever, epoch after epoch, starting at ``start_epoch``.
-
-        Args:
-            start_epoch: first epoch to read.
-            skip_batches: batches to read and drop first (counted from the start of
-                ``start_epoch``, across epoch ends), to resume where a run stopped.
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict`` of a stream with the same settings (the next
+        ``iter_batches`` starts there).
 
         Raises:
-            DataError: when an epoch yields no batch on this rank.
+            DataError: naming the setting that differs from the saved one.
         """
-        epoch, to_skip = start_epoch, skip_batches
-        while True:
-            produced = 0
-            for batch in self.epoch_batches(epoch):
-                produced += 1
-                if to_skip:
-                    to_skip -= 1
-                    continue
-                yield batch
-            if produced == 0:
-                raise self._empty_epoch_error(epoch)
-            epoch += 1
-
-    def _empty_epoch_error(self, epoch: int) -> DataError:
         rank, world_size = self._rank()
-        shards = self.shard_order(epoch)
+        mine = {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "rank": rank,
+            "world_size": world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise DataError(
+                    f"the saved data position has {key}={state.get(key)} but this stream has "
+                    f"{key}={value}; resume with the data settings and world size of the run that "
+                    "saved it"
+                )
+        self._workers = copy.deepcopy(state["workers"])
+        self._next_worker = int(state["next_worker"])
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict]:
+        """The batches of one epoch of every source on this rank (finite; may be empty); the
+        stream's position is neither used nor moved."""
+        for batch in self._loader(epoch):
+            batch["meta"].pop("stream")
+            yield batch
+
+    def iter_batches(self) -> Iterator[dict]:
+        """Batches forever from the current position (the start, or what ``load_state_dict``
+        set), moving the position with every batch handed out.
+
+        Raises:
+            DataError: when this rank has no shard, or a source's epoch yields no batch on a
+                worker.
+        """
+        self._check_rank_has_shards()
+        for batch in self._loader(None):
+            stream = batch["meta"].pop("stream")
+            worker = stream.pop("worker")
+            self._workers[worker] = stream
+            self._next_worker = (worker + 1) % len(self._workers)
+            yield batch
+
+    def _loader(self, epoch: int | None) -> DataLoader:
+        self.sources()  # found here, once, rather than in every worker
+        # A private generator: the DataLoader draws its worker base seed from it, which would
+        # otherwise advance the caller's global torch RNG.
+        generator = torch.Generator().manual_seed(self.seed)
+        # The rank is fixed here: a worker started with spawn or forkserver has no process group.
+        rank, world_size = self._rank()
+        return DataLoader(
+            _Batches(self, epoch, rank, world_size),
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=generator,
+        )
+
+    def worker_batches(self, epoch: int | None, rank: int, world_size: int) -> Iterator[dict]:
+        """One worker's batches (run inside the worker): of one epoch, or forever from the
+        position; each batch's meta carries the worker's position after it under ``"stream"``."""
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        # A new DataLoader starts its round robin at worker 0: rotating the ids makes worker 0
+        # play the worker whose turn was next when the position was saved.
+        start = 0 if epoch is not None else self._next_worker
+        worker = ((info.id if info else 0) + start) % workers
+        saved = self._workers[worker]
+        readers = {}
+        for source in self.sources():
+            layout = (rank, world_size, worker, workers)
+            if source.weight > 0 and self.worker_shards(source, 0, *layout):
+                position = saved["sources"].get(source.key, {"epoch": 0, "shard": 0, "offset": 0})
+                if epoch is not None:
+                    position = {"epoch": epoch, "shard": 0, "offset": 0}
+                readers[source.key] = _SourceReader(self, source, layout, position)
+        draws = saved["draws"] if epoch is None else 0
+        while readers:
+            keys = list(readers)
+            rng = random.Random(f"{self.seed}:draw:{rank}:{worker}:{draws}")
+            key = rng.choices(keys, [readers[k].source.weight for k in keys])[0]
+            draws += 1
+            batch = readers[key].next_batch(strict=epoch is None)
+            if batch is None:
+                if epoch is not None:
+                    del readers[key]  # this source's epoch is done; the others go on
+                continue
+            sources = {k: r.position() for k, r in readers.items()}
+            batch["meta"]["stream"] = {"worker": worker, "draws": draws, "sources": sources}
+            yield batch
+
+    def prepare(self, raw: dict, epoch: int) -> dict:
+        """A raw sample -> the sample contract, normalised, then transformed."""
+        sample = to_sample(raw, self.normaliser)
+        if self.transform is not None:
+            seed = sample_seed(self.seed, epoch, sample["meta"]["id"])
+            sample = self.transform(sample, torch.Generator().manual_seed(seed))
+        return sample
+
+    def shard_samples(self, url: str, epoch: int) -> Iterator[dict]:
+        """Raw samples of one shard, shuffled within the shard by a buffer seeded by
+        (seed, epoch, shard): the same order whenever the shard is read again."""
+        rng = random.Random(f"{self.seed}:{epoch}:{url}")
+        buffer: list[dict] = []
+        for raw in iter_tar_samples(url):
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(raw)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], raw = raw, buffer[i]
+            yield raw
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _check_rank_has_shards(self) -> None:
+        rank, world_size = self._rank()
+        sources = self.sources()
+        if any(s.weight > 0 and len(s.shards) > rank for s in sources):
+            return
+        shards = [url for s in sources for url in s.shards]
         counts = shard_sample_counts(shards)
-        mine = shards[rank::world_size]
         known = all(v is not None for v in counts.values())
         total = f"{sum(counts.values())} samples" if known else "an unknown number of samples"
-        on_rank = f"{sum(counts[s] for s in mine)} samples" if known else "their samples"
-        workers = max(1, self.num_workers)
-        return DataError(
-            f"epoch {epoch} yields no batch of {self.batch_size} on rank {rank} of {world_size}: "
-            f"{len(shards)} shards ({total}) in all, {len(mine)} shards ({on_rank}) on this rank, read by "
-            f"{workers} worker(s), and a batch needs {self.batch_size} samples of one sensor/band "
-            "set/size within one worker. Use a smaller batch_size, fewer ranks or num_workers, "
-            "or rebuild with a smaller --shard-size so every rank and worker gets shards."
+        raise DataError(
+            f"rank {rank} of {world_size} gets no shard: {len(shards)} shards ({total}) in all, "
+            f"0 shards of them on this rank. Use fewer ranks, or rebuild with a smaller "
+            "--shard-size so that every rank gets shards."
         )
+
+    def empty_epoch_error(self, source: Source, epoch: int, layout: tuple) -> DataError:
+        """The error for a source whose epoch gives a worker no full batch."""
+        rank, world_size, worker, workers = layout
+        shards = self.worker_shards(source, epoch, *layout)
+        counts = shard_sample_counts(shards)
+        known = all(v is not None for v in counts.values())
+        held = f"{sum(counts.values())} samples" if known else "an unknown number of samples"
+        return DataError(
+            f"source {source.key}, epoch {epoch}, yields no batch of {self.batch_size} on rank "
+            f"{rank} of {world_size}, worker {worker} of {workers}: its {len(shards)} shard(s) "
+            f"there hold {held}, and a batch needs {self.batch_size} samples of one sensor and "
+            "size within one worker. Use a smaller batch_size, fewer ranks or num_workers, or "
+            "rebuild with a smaller --shard-size so every rank and worker gets enough samples."
+        )
+
+
+class _Batches(IterableDataset):
+    """The DataLoader's view of a stream: each worker runs ``worker_batches``."""
+
+    def __init__(self, stream: ShardStream, epoch: int | None, rank: int, world_size: int):
+        self.stream, self.epoch, self.rank, self.world_size = stream, epoch, rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.stream.worker_batches(self.epoch, self.rank, self.world_size)
+
+
+class _SourceReader:
+    """One worker's share of one source, read batch by batch from a position, epoch after epoch."""
+
+    def __init__(self, stream: ShardStream, source: Source, layout: tuple, position: dict):
+        self.stream, self.source, self.layout = stream, source, layout
+        self.epoch, self.shard, self.offset = (position[k] for k in ("epoch", "shard", "offset"))
+        self._samples: Iterator | None = None
+        self._from_start = False
+        self._produced = False
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset}
+
+    def _raw(self) -> Iterator[tuple[int, int, dict]]:
+        shards = self.stream.worker_shards(self.source, self.epoch, *self.layout)
+        for j in range(self.shard, len(shards)):  # shards before the position are not opened
+            skip = self.offset if j == self.shard else 0
+            for n, raw in enumerate(self.stream.shard_samples(shards[j], self.epoch)):
+                if n >= skip:  # samples before the offset are read, never decoded
+                    yield j, n + 1, raw
+
+    def next_batch(self, strict: bool) -> dict | None:
+        """The next batch of the current epoch; None at the epoch's end (the position then moves
+        to the next epoch). ``strict``: raise when a whole epoch gives no batch."""
+        if self._samples is None:
+            self._samples = self._raw()
+            self._from_start = self.shard == 0 and self.offset == 0
+            self._produced = False
+        samples = []
+        for j, n, raw in self._samples:
+            samples.append(self.stream.prepare(raw, self.epoch))
+            if len(samples) == self.stream.batch_size:
+                self.shard, self.offset, self._produced = j, n, True
+                return collate(samples)
+        if strict and self._from_start and not self._produced:
+            raise self.stream.empty_epoch_error(self.source, self.epoch, self.layout)
+        self._samples = None
+        self.epoch, self.shard, self.offset = self.epoch + 1, 0, 0
+        return None
+
+
+def _sample_count(urls: Sequence[str]) -> float:
+    """Samples in ``urls`` from their index files; shards without one count as the known mean."""
+    counts = [c for c in shard_sample_counts(urls).values() if c is not None]
+    mean = sum(counts) / len(counts) if counts else 1.0
+    return sum(counts) + mean * (len(urls) - len(counts))

@@ -165,6 +165,7 @@ def _sentinel2(level: str) -> Sensor:
         scale=1e-4,
         units="reflectance",
         nodata=0,
+        aux=("cloud_mask", "SCL", "MSK_", "CLD"),  # cloud/quality layers next to the bands
         aliases=(f"sentinel2_{level.lower()}", f"sentinel-2-{level.lower()}", f"MSI{level}"),
         source="ESA Sentinel-2A spectral response functions, COPE-GSEG-EOPG-TN-15-0007 v3.2",
     )

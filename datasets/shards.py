@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from braceexpand import braceexpand
+from webdataset.gopen import gopen
 
 from eoforge.datasets.errors import DataError
 
@@ -41,6 +42,7 @@ FORMAT_VERSION = 1
 GROUP_FORMAT_VERSION = 2
 STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float16))
 IMAGE, VALID, META = "image.npy", "valid.npy", "json"
+PIPE = "pipe:"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -257,20 +259,25 @@ def read_index(folder: str | Path) -> dict:
 
 
 def list_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard paths from a shard folder (via its index.json), a brace pattern
-    (``out/shard-{000000..000003}.tar``), a single ``.tar`` path, or a list of any of these."""
+    """Shard URLs from a shard folder (via its index.json), a brace pattern
+    (``out/shard-{000000..000003}.tar``), a ``pipe:`` command that writes one shard to stdout
+    (``pipe:aws s3 cp s3://bucket/shard-{000000..000003}.tar -``; braces expand to one command
+    per shard, run when the shard is read), a single ``.tar`` path, or a list of any of these."""
     if isinstance(spec, (list, tuple)):
         return [url for item in spec for url in list_shards(item)]
     text = str(spec)
-    if Path(text).is_dir():
+    if not text.startswith(PIPE) and Path(text).is_dir():
         folder = Path(text)
         return [str(folder / row["name"]) for row in read_index(folder)["shards"]]
     urls = list(braceexpand(text))
-    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    missing = [
+        u for u in urls if not u.startswith(PIPE) and "://" not in u and not Path(u).is_file()
+    ]
     if missing:
         raise DataError(
             f"shard {missing[0]} (from {text!r}) does not exist; pass a shard folder, "
-            "a brace pattern such as out/shard-{000000..000003}.tar, or a list of .tar files"
+            "a brace pattern such as out/shard-{000000..000003}.tar, a pipe: command, "
+            "or a list of .tar files"
         )
     return urls
 
@@ -291,25 +298,29 @@ def shard_sample_counts(urls: Sequence[str]) -> dict[str, int | None]:
     return counts
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[dict]:
+def iter_tar_samples(url: str | Path) -> Iterator[dict]:
     """Raw samples of one shard in file order (``__key__``, ``__url__`` and member bytes), read
-    with tarfile directly for the sequential passes of statistics and verification."""
+    as a stream: a local path, or a ``pipe:`` command whose stdout is the tar."""
     current: dict | None = None
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, dot, member = info.name.partition(".")
-            if not dot:
-                raise DataError(
-                    f"{path}: member {info.name!r} has no extension; not an eoforge shard"
-                )
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": str(path)}
-            if member in current:
-                raise DataError(f"{path}: sample {key} has two {member} members")
-            current[member] = tar.extractfile(info).read()
+    stream = gopen(str(url), "rb")
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, dot, member = info.name.partition(".")
+                if not dot:
+                    raise DataError(
+                        f"{url}: member {info.name!r} has no extension; not an eoforge shard"
+                    )
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": str(url)}
+                if member in current:
+                    raise DataError(f"{url}: sample {key} has two {member} members")
+                current[member] = tar.extractfile(info).read()
+    finally:
+        stream.close()  # a pipe: command stopped early ends with SIGPIPE, which gopen accepts
     if current is not None:
         yield current

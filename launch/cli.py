@@ -14,6 +14,7 @@ EXAMPLES = {
   eoforge data build ~/bigearthnet/S2 shards/s2 --sensor S2L2A --tile-size 120
   eoforge data build ~/enmap shards/enmap --sensor ENMAP --pattern '*SPECTRAL_IMAGE.TIF'
   eoforge data build ~/landsat shards/l8 --sensor LANDSAT89 --bands B2 B3 B4 B5
+  eoforge data build ~/cubes/s2.zarr shards/s2cube --sensor S2L2A --variable reflectance
 co-registered sensors / time series (one sample per footprint, see --layout):
   eoforge data build ~/SSL4EO-S12 shards/s2s1 --sensor S2L2A --pair S1GRD --layout ssl4eo --time-window-days 15
   eoforge data build ~/BigEarthNet shards/ben --sensor S2L2A --pair S1GRD --layout bigearthnet
@@ -67,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(title="commands", metavar="{data,pretrain,release,eval}")
 
     data = _group(verbs, "data", "turn GeoTIFF folders into WebDataset shards; statistics")
-    build = _command(data, "data", "build", "GeoTIFF folder -> WebDataset shards", _data_build)
-    build.add_argument("src", help="folder of GeoTIFFs (searched recursively)")
+    build = _command(
+        data, "data", "build", "GeoTIFF folder or datacube -> WebDataset shards", _data_build
+    )
+    build.add_argument(
+        "src",
+        help="folder of GeoTIFFs (searched recursively), or a Zarr/NetCDF datacube with dims "
+        "(time, band, y, x) or a folder of them",
+    )
     build.add_argument("out", help="shard folder to create")
     build.add_argument(
         "--sensor",
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--pattern", help="glob for the files to read, e.g. '*SPECTRAL_IMAGE.TIF'")
     build.add_argument(
+        "--variable", help="data variable of a datacube (default: the one with a band dimension)"
+    )
+    build.add_argument(
         "--tile-size", type=int, default=128, help="tile side in pixels (default 128)"
     )
     build.add_argument(
@@ -89,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--gsd", type=float, help="target ground sampling distance in m (default: finest band)"
     )
     build.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    quality = build.add_argument_group(
+        "quality filters (single-sensor builds)",
+        "Per tile; kept/dropped counts are printed and stored in index.json. Cloud layers are "
+        "the masks shipped next to the bands: S2 cloud_mask/SCL/MSK_CLDPRB, Landsat "
+        "BQA/QA_PIXEL, EnMAP QL_QUALITY_CLOUD/CIRRUS.",
+    )
+    quality.add_argument(
+        "--max-cloud-fraction",
+        type=float,
+        metavar="F",
+        help="drop tiles whose cloudy fraction of pixels with data exceeds F (0-1)",
+    )
+    quality.add_argument(
+        "--max-nodata-fraction",
+        type=float,
+        metavar="F",
+        help="drop tiles whose fraction of pixels without any valid band exceeds F (0-1)",
+    )
     paired = build.add_argument_group(
         "multi-sensor / multi-date samples",
         "--sensor is the reference: it anchors each sample and its grid (at --gsd). Products are "
@@ -123,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats = _command(data, "data", "stats", "per-band statistics next to the shards", _data_stats)
     stats.add_argument("shards", help="shard folder")
-    verify = _command(data, "data", "verify", "read every sample back and check it", _data_verify)
+    verify = _command(
+        data,
+        "data",
+        "verify",
+        "check each shard's sha256 and sample count against the build's manifest, then read "
+        "every sample back",
+        _data_verify,
+    )
     verify.add_argument("shards", help="shard folder")
 
     pre = _command(verbs, None, "pretrain", "pretrain (no arguments: the embedded demo)", _pretrain)
@@ -179,10 +214,15 @@ def _command(group, prefix: str | None, name: str, help_text: str, run):
 
 
 def _data_build(args) -> int:
+    from eoforge.datasets.cubes import is_cube_source
     from eoforge.datasets.errors import DataError
     from eoforge.datasets.ingest import build_shards
     from eoforge.datasets.pairs import build_paired_shards
 
+    if is_cube_source(args.src):
+        return _data_build_cube(args)
+    if args.variable:
+        raise DataError(f"--variable applies to Zarr/NetCDF datacubes, and {args.src} holds none")
     grouped = bool(args.pair or args.series)
     if grouped or args.layout:
         if not (args.layout and grouped):
@@ -190,6 +230,11 @@ def _data_build(args) -> int:
         if args.bands or args.pattern:
             raise DataError(
                 "--bands and --pattern apply to single-sensor builds, not --pair/--series"
+            )
+        if args.max_cloud_fraction is not None or args.max_nodata_fraction is not None:
+            raise DataError(
+                "--max-cloud-fraction and --max-nodata-fraction apply to single-sensor builds, "
+                "not --pair/--series"
             )
         summary = build_paired_shards(
             args.src,
@@ -219,6 +264,51 @@ def _data_build(args) -> int:
         tile_size=args.tile_size,
         shard_size=args.shard_size,
         gsd=args.gsd,
+        max_cloud_fraction=args.max_cloud_fraction,
+        max_nodata_fraction=args.max_nodata_fraction,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    quality = summary["quality"]
+    dropped = quality["tiles_dropped"]
+    print(
+        f"tiles: {quality['tiles_kept']} kept; dropped {dropped['cloud']} for cloud "
+        f"(max {quality['max_cloud_fraction']}), {dropped['nodata']} for nodata "
+        f"(max {quality['max_nodata_fraction']}), {summary['tiles_skipped']} below min_valid"
+    )
+    print(f"next: eoforge data stats {args.out}")
+    return 0
+
+
+def _data_build_cube(args) -> int:
+    from eoforge.datasets.cubes import build_cube_shards
+    from eoforge.datasets.errors import DataError
+
+    given = {
+        "--pair": args.pair,
+        "--series": args.series,
+        "--layout": args.layout,
+        "--pattern": args.pattern,
+        "--gsd": args.gsd,
+        "--max-cloud-fraction": args.max_cloud_fraction,
+        "--time-window-days": args.time_window_days,
+        "--drop-lone-partners": args.drop_lone_partners,
+    }
+    unused = [name for name, value in given.items() if value not in (None, False)]
+    if unused:
+        raise DataError(
+            f"{', '.join(unused)} do(es) not apply to datacubes, which are read on their own grid "
+            "one time step per scene; drop them"
+        )
+    summary = build_cube_shards(
+        args.src,
+        args.out,
+        args.sensor,
+        variable=args.variable,
+        bands=args.bands,
+        tile_size=args.tile_size,
+        shard_size=args.shard_size,
+        max_nodata_fraction=args.max_nodata_fraction,
         overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2, default=str))

@@ -15,15 +15,67 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    """Where samples come from and how they are batched."""
+    """Where samples come from and how they are batched (see ``eoforge.datasets.reader``)."""
 
-    shards: list[str] = field(
-        default_factory=list
-    )  # shard folders (each with index.json, stats.json)
+    # Shard folders (each with index.json, stats.json), brace patterns or pipe: commands.
+    shards: list[str] = field(default_factory=list)
+    # stats.json files whose folders also hold the sets' index.json; needed for pipe: shards
+    # (default: the folder of each shard spec).
+    stats: list[str] = field(default_factory=list)
+    # Instead of shards: shard sets sampled by weight, each {shards: [...], weight: float}.
+    mixture: list = field(default_factory=list)
+    sensor_weights: dict = field(default_factory=dict)  # {sensor: weight}; default sample counts
+    augment: dict = field(default_factory=dict)  # datasets.augment.AugmentConfig options; {} = off
+    clip_percentiles: bool = True  # clip each band to its [p1, p99] before scaling (SPECS T1)
     batch_size: int = 8  # micro-batch per rank
     num_workers: int = 0
     shuffle_buffer: int = 256
     demo: bool = False  # make synthetic S2/S1/EnMAP shards in the cache and train on them
+    val_shards: list[str] = field(default_factory=list)  # held-out shard set
+    val_every: int = 0  # steps between validation losses (0: no validation)
+    val_batches: int = 4  # validation batches per rank
+    log_ids: bool = False  # debug: append each step's sample ids to logs/samples-rank<r>.txt
+
+    def validate(self) -> None:
+        """Impossible data settings fail here, naming the key."""
+        if not self.demo and bool(self.shards) == bool(self.mixture):
+            raise ValueError(
+                "name shard folders in data.shards, or weighted shard sets in data.mixture "
+                "(one of the two), or set data.demo=true"
+            )
+        for i, entry in enumerate(self.mixture):
+            if (
+                not isinstance(entry, dict)
+                or not entry.get("shards")
+                or set(entry)
+                - {
+                    "shards",
+                    "weight",
+                }
+            ):
+                raise ValueError(
+                    f"data.mixture[{i}]={entry}: each entry is {{shards: [...], weight: w}}"
+                )
+            if not float(entry.get("weight", 1.0)) > 0:
+                raise ValueError(f"data.mixture[{i}].weight={entry['weight']}: must be > 0")
+        for sensor, weight in self.sensor_weights.items():
+            if not float(weight) >= 0:
+                raise ValueError(f"data.sensor_weights.{sensor}={weight}: must be >= 0")
+        specs = [*self.shards, *(s for e in self.mixture for s in e["shards"])]
+        if any(str(s).startswith("pipe:") for s in specs) and not self.stats:
+            raise ValueError(
+                "data.shards holds pipe: commands: name their stats.json files in data.stats"
+            )
+        for key in ("batch_size", "shuffle_buffer", "val_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key}={getattr(self, key)}: must be >= 1")
+        if self.num_workers < 0 or self.val_every < 0:
+            raise ValueError("data.num_workers and data.val_every must be >= 0")
+        if bool(self.val_shards) != (self.val_every > 0):
+            raise ValueError(
+                f"data.val_shards={self.val_shards} with data.val_every={self.val_every}: set both "
+                "(a held-out shard set and how often to score it) or neither"
+            )
 
 
 @dataclass
@@ -95,13 +147,10 @@ class PretrainConfig:
             raise ValueError(
                 f"engine.precision={self.engine.precision!r}: use auto, bf16, fp16 or fp32"
             )
-        if not self.data.demo and not self.data.shards:
-            raise ValueError("data.shards is empty: name shard folders (or set data.demo=true)")
+        self.data.validate()
         for key in ("steps", "log_every", "image_every", "save_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
-        if self.data.batch_size < 1:
-            raise ValueError(f"data.batch_size={self.data.batch_size}: must be >= 1")
 
 
 def find_config(name_or_path: str) -> Path:

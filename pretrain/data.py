@@ -1,15 +1,19 @@
-"""Where a run's samples come from: shard folders, or the demo's synthetic shards in the cache."""
+"""Where a run's samples come from: shard folders, patterns, pipe: commands or weighted mixtures of
+them, or the demo's synthetic shards in the cache; plus the held-out validation stream, the data
+position kept in checkpoints, and a debug record of the samples each step saw."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
+from eoforge.datasets.augment import AugmentConfig, augment_sample
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.ingest import build_shards
-from eoforge.datasets.reader import ShardStream
-from eoforge.datasets.shards import list_shards
+from eoforge.datasets.reader import ShardSet, ShardStream, Transform
+from eoforge.datasets.shards import STATS_FILE, list_shards
 from eoforge.datasets.stats import Normaliser, compute_stats
 from eoforge.datasets.synthetic import write_demo_scenes
 from eoforge.pretrain.config import DataConfig
@@ -31,11 +35,30 @@ def demo_root() -> Path:
     return cache_root() / DEMO_VERSION
 
 
+def training_specs(cfg: DataConfig) -> list[str]:
+    """Every shard spec the run trains on (data.shards, or the sets of data.mixture)."""
+    return [str(s) for s in cfg.shards] + [str(s) for e in cfg.mixture for s in e["shards"]]
+
+
+def spec_folder(spec: str) -> Path:
+    """The folder holding a shard spec's index.json and stats.json."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    if spec.startswith("pipe:"):
+        raise DataError(f"{spec!r} is a pipe: command; name its set's stats.json in data.stats")
+    return Path(list_shards(spec)[0]).parent
+
+
 def resolve_shard_dirs(cfg: DataConfig) -> list[Path]:
-    """The shard folders a data config names (the demo's live in the cache)."""
+    """The folders with index.json and stats.json of the training data (the demo's live in the
+    cache; with data.stats, the folders of those files)."""
     if cfg.demo:
         return [demo_root() / "shards" / sensor for sensor in DEMO_SENSORS]
-    return [Path(s) for s in cfg.shards]
+    if cfg.stats:
+        folders = [Path(s).parent for s in cfg.stats]
+    else:
+        folders = [spec_folder(s) for s in training_specs(cfg)]
+    return list(dict.fromkeys(folders))
 
 
 def make_demo_shards(progress: bool = True) -> None:
@@ -70,15 +93,16 @@ def prepare_shards(cfg: DataConfig, is_main: bool) -> list[Path]:
 
 
 def build_stream(cfg: DataConfig, shard_dirs: list[Path], seed: int) -> ShardStream:
-    """The sensor-homogeneous batch stream over all shard folders."""
-    urls, stats_files = [], []
-    for folder in shard_dirs:
-        stats = folder / "stats.json"
-        if not stats.is_file():
-            raise DataError(f"{folder} has no stats.json; run: eoforge data stats {folder}")
-        stats_files.append(stats)
-        urls.extend(list_shards(folder))
-    normaliser = Normaliser.from_files(stats_files)
+    """The weighted, sensor-homogeneous batch stream over the training data, normalised with the
+    statistics in ``shard_dirs``."""
+    normaliser = training_normaliser(shard_dirs, clip=cfg.clip_percentiles)
+    if cfg.mixture:
+        urls = [
+            ShardSet([str(s) for s in e["shards"]], float(e.get("weight", 1.0)))
+            for e in cfg.mixture
+        ]
+    else:
+        urls = [str(d) for d in shard_dirs] if cfg.demo else [str(s) for s in cfg.shards]
     return ShardStream(
         urls,
         normaliser,
@@ -86,4 +110,68 @@ def build_stream(cfg: DataConfig, shard_dirs: list[Path], seed: int) -> ShardStr
         seed=seed,
         shuffle_buffer=cfg.shuffle_buffer,
         num_workers=cfg.num_workers,
+        sensor_weights={k: float(v) for k, v in cfg.sensor_weights.items()} or None,
+        transform=augment_transform(cfg.augment),
     )
+
+
+def build_val_stream(cfg: DataConfig, normaliser: Normaliser, seed: int) -> ShardStream | None:
+    """The held-out stream (data.val_shards), normalised with the training statistics and not
+    augmented; None without validation."""
+    if not cfg.val_every:
+        return None
+    return ShardStream(
+        [str(s) for s in cfg.val_shards],
+        normaliser,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+
+
+def training_normaliser(shard_dirs: list[Path], clip: bool = True) -> Normaliser:
+    """One normaliser over the stats.json of every training folder (``clip``: percentile
+    clipping, see ``Normaliser``)."""
+    stats_files = []
+    for folder in shard_dirs:
+        stats = folder / STATS_FILE
+        if not stats.is_file():
+            raise DataError(f"{folder} has no {STATS_FILE}; run: eoforge data stats {folder}")
+        stats_files.append(stats)
+    return Normaliser.from_files(stats_files, clip=clip)
+
+
+def augment_transform(options: dict) -> Transform | None:
+    """The per-sample augmentation of data.augment (AugmentConfig options), or None when empty."""
+    if not options:
+        return None
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    try:
+        cfg = AugmentConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"data.augment={options}: {err}") from err
+    return partial(augment_sample, cfg=cfg)
+
+
+def restore_position(stream: ShardStream, saved: list[dict] | None, rank: int) -> None:
+    """Continue ``stream`` from this rank's position in a checkpoint (one entry per rank)."""
+    if not saved:
+        return
+    if rank >= len(saved):
+        raise DataError(
+            f"the checkpoint holds the data position of {len(saved)} rank(s); relaunch with "
+            f"{len(saved)} rank(s) to resume it"
+        )
+    stream.load_state_dict(saved[rank])
+
+
+class SampleLog:
+    """Debug record of the samples each step trained on: ``<folder>/samples-rank<r>.txt`` gets
+    one line per step, ``step id id ...``, appended (a resumed run continues the file)."""
+
+    def __init__(self, folder: Path, rank: int) -> None:
+        self.path = Path(folder) / f"samples-rank{rank}.txt"
+
+    def write(self, step: int, batch: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(" ".join([str(step), *batch["meta"]["id"]]) + "\n")

@@ -2,7 +2,8 @@
 
 The loop knows the engine and objective protocols only; it never names DeepSpeed or MAE.
 Resume is the default: relaunching the same command continues from the newest complete
-checkpoint in the run directory, with the data stream fast-forwarded to the same position.
+checkpoint in the run directory, with each rank's data stream continuing from the position it
+saved in that checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import shutil
 import signal
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,13 @@ from eoforge.launch.logging import TensorBoard, get_logger, reconstruction_grid
 from eoforge.launch.rundir import RunDir
 from eoforge.models import create_model
 from eoforge.pretrain.config import PretrainConfig
-from eoforge.pretrain.data import build_stream, prepare_shards
+from eoforge.pretrain.data import (
+    SampleLog,
+    build_stream,
+    build_val_stream,
+    prepare_shards,
+    restore_position,
+)
 from eoforge.pretrain.objectives import build_objective, objective_label, validate_objective
 
 
@@ -35,9 +43,29 @@ def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> floa
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Independent, reproducible seed per (run seed, step, rank): resume replays the same masks."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+def step_seed(seed: int, step: int, rank: int, *tags: int) -> int:
+    """Independent, reproducible seed per (run seed, step, rank, tags): resume replays the same
+    masks; validation batches use the tag 1."""
+    return int(np.random.SeedSequence([seed, step, rank, *tags]).generate_state(1)[0])
+
+
+def gather(value):
+    """``value`` of every rank, in rank order."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+@torch.no_grad()
+def validation_loss(engine, stream, batches: int, seed: int, rank: int) -> float:
+    """The objective's mean loss over the first ``batches`` held-out batches of every rank, with
+    the masks of batch ``i`` seeded by (seed, i, rank): the same batches and masks every time."""
+    total, count = 0.0, 0
+    for i, batch in enumerate(islice(stream.epoch_batches(0), batches)):
+        torch.manual_seed(step_seed(seed, i, rank, 1))
+        total, count = total + engine(batch)["loss"].item(), count + 1
+    sums = gather((total, count))
+    return sum(t for t, _ in sums) / max(1, sum(n for _, n in sums))
 
 
 class StopRequest:
@@ -83,6 +111,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     shard_dirs = prepare_shards(cfg.data, is_main=dist_env.is_main)
     barrier()
     stream = build_stream(cfg.data, shard_dirs, seed=cfg.seed)
+    val_stream = build_val_stream(cfg.data, stream.normaliser, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every relaunch
     encoder = create_model(cfg.model.name, **cfg.model.kwargs)
     objective = build_objective(cfg.objective, encoder)
@@ -108,12 +137,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tb = TensorBoard(
         run.tensorboard, enabled=dist_env.is_main, purge_step=step + 1 if step else None
     )
-    batches = stream.iter_batches(skip_batches=step)
+    restore_position(stream, state.get("data", {}).get("ranks"), dist_env.rank)
+    batches = stream.iter_batches()
+    sample_log = SampleLog(run.logs, dist_env.rank) if cfg.data.log_ids else None
     window_start, window_steps = time.perf_counter(), 0
 
     with StopRequest() as stop:
         while step < cfg.steps:
             batch = next(batches)
+            if sample_log:
+                sample_log.write(step, batch)
             torch.manual_seed(step_seed(cfg.seed, step, dist_env.rank))
             lr = lr_at(step, peak_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr)
             engine.set_lr(lr)
@@ -142,15 +175,20 @@ def pretrain(cfg: PretrainConfig) -> Path:
                     f"{values['samples_per_s']:.1f} samples/s"
                 )
                 window_start, window_steps = time.perf_counter(), 0
+            if val_stream and step % cfg.data.val_every == 0:
+                val = validation_loss(
+                    engine, val_stream, cfg.data.val_batches, cfg.seed, dist_env.rank
+                )
+                tb.scalars(step, {"val/loss": val})
+                log.info(f"step {step}/{cfg.steps} val/loss {val:.4f}")
             if step % cfg.image_every == 0 or step == cfg.steps:
                 for sensor, images in engine.preview(batch).items():
                     tb.image(step, f"reconstruction/{sensor}", reconstruction_grid(images))
 
             stopping = stop.requested or step == cfg.stop_at
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                engine.save(
-                    run.checkpoints, step, {"step": step, "data": {"batches": step}}, cfg.keep_last
-                )
+                data = {"ranks": gather(stream.state_dict())}  # each rank's own position
+                engine.save(run.checkpoints, step, {"step": step, "data": data}, cfg.keep_last)
                 log.info(f"saved checkpoint at step {step} in {run.checkpoints}")
             if stopping:
                 log.info(f"stopping at step {step} (signal or stop_at); relaunch to resume")

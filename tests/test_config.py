@@ -56,3 +56,21 @@ def test_lr_schedule_is_a_pure_function_of_step():
     assert lr_at(100, peak, 10, 100, 1e-5) == pytest.approx(1e-5)
     assert lr_at(55, peak, 10, 100, 0.0) == pytest.approx(peak / 2)
     assert step_seed(0, 5, 1) == step_seed(0, 5, 1) != step_seed(0, 5, 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["data.shards=[a]", "data.mixture=[{shards: [b]}]"], "data.mixture"),
+        (["data.mixture=[{shards: [a], weight: 0}]"], r"data.mixture\[0\].weight"),
+        (["data.mixture=[{folders: [a]}]"], r"data.mixture\[0\]"),
+        (["data.shards=['pipe:cat a.tar']"], "data.stats"),
+        (["data.shards=[a]", "data.val_shards=[b]"], "data.val_every"),
+        (["data.shards=[a]", "data.val_every=5"], "data.val_shards"),
+        (["data.shards=[a]", "data.sensor_weights={S2L2A: -1}"], "data.sensor_weights.S2L2A"),
+    ],
+)
+def test_impossible_data_settings_are_named(overrides, key):
+    cfg = load_config(PretrainConfig, None, overrides)
+    with pytest.raises(ValueError, match=key):
+        cfg.validate()
