@@ -140,7 +140,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     restore_position(stream, state.get("data", {}).get("ranks"), dist_env.rank)
     batches = stream.iter_batches()
     sample_log = SampleLog(run.logs, dist_env.rank) if cfg.data.log_ids else None
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_losses = time.perf_counter(), []
 
     with StopRequest() as stop:
         while step < cfg.steps:
@@ -155,10 +155,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
             losses = engine(batch)
             engine.backward_step(losses["loss"])
             step += 1
-            window_steps += 1
+            window_losses.append(losses["loss"].detach())
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = {k: v.item() for k, v in losses.items()}  # host sync: logging steps only
+                # The logged loss is the mean since the last log: one batch is one sensor's.
+                values["loss"] = torch.stack(window_losses).mean().item()
                 if not math.isfinite(values["loss"]):
                     raise FloatingPointError(
                         f"loss is {values['loss']} at step {step}; see {run.logs}"
@@ -167,14 +169,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 values.update(
                     lr=lr,
                     grad_norm=engine.grad_norm(),
-                    samples_per_s=window_steps * global_batch / elapsed,
+                    samples_per_s=len(window_losses) * global_batch / elapsed,
                 )
                 tb.scalars(step, values)
                 log.info(
                     f"step {step}/{cfg.steps} loss {values['loss']:.4f} lr {lr:.2e} "
                     f"{values['samples_per_s']:.1f} samples/s"
                 )
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_losses = time.perf_counter(), []
             if val_stream and step % cfg.data.val_every == 0:
                 val = validation_loss(
                     engine, val_stream, cfg.data.val_batches, cfg.seed, dist_env.rank
