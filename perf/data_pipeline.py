@@ -24,10 +24,7 @@ data_pipeline.json and .md into --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import tarfile
 import tempfile
@@ -36,12 +33,13 @@ import warnings
 from pathlib import Path
 
 import rasterio
-import torch
 
 from eoforge.datasets.ingest import build_shards
 from eoforge.datasets.reader import ShardStream
 from eoforge.datasets.shards import list_shards
 from eoforge.datasets.stats import Normaliser, compute_stats
+
+from perf_report import machine, now, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = Path(os.environ.get("EOFORGE_SAMPLE_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -117,18 +115,6 @@ def reader_epoch(stream: ShardStream) -> tuple[float, int, float, int]:
             after_first += len(batch["meta"]["id"])
     end = time.perf_counter()
     return end - start, samples, end - (first or end), after_first
-
-
-def _cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo where platform.processor() is empty (Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
 
 
 def measure(cfg: dict, work: Path) -> dict:
@@ -224,14 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "data_pipeline",
         "smoke": args.smoke,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "processor": platform.processor() or _cpu_model(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "date": now(),
+        "machine": machine(),
         "config": cfg,
         "measured": measured,
         "gate": {
@@ -244,11 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pass": reader_ratio >= GATE,
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "data_pipeline.md").write_text(table)
-    print(table)
+    write_results(args.out, "data_pipeline", result, markdown)
     return result
 
 

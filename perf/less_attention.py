@@ -42,10 +42,6 @@ less_attention.json, .md and .png into --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -60,6 +56,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from eoforge.models.less import LessAttention, grid_field
+
+from perf_report import machine, now, write_results
 
 FULL = dict(channels=(12, 50, 100, 202), patches=(64, 256, 1024), dim=96, heads=4, k=2, rank=8)
 FULL.update(max_full_tokens=16_384, max_math_tokens=7_000, gate=(202, 256), min_time_s=0.5)
@@ -378,17 +376,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo where platform.processor() is empty (Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), ""
-    )
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, runs in seconds")
@@ -436,15 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "less_attention",
         "smoke": args.smoke,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "processor": platform.processor() or _cpu_model(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "date": now(),
+        "machine": machine(args.threads),
         "config": {**cfg, "patch": PATCH, "gsd": GSD, "radius_m": RADIUS_M, "batch": 1},
         "memory_measure": {
             "peak_bytes": "peak torch CPU-allocator bytes above the starting level during one "
@@ -457,12 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         "less_slopes": slopes,
         "gate": gate,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "less_attention.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "less_attention.md").write_text(table)
+    write_results(args.out, "less_attention", result, markdown)
     plot(result, args.out / "less_attention.png")
-    print(table)
     return result
 
 

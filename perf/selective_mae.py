@@ -25,11 +25,7 @@ selective_mae.json and .md into --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +38,8 @@ from eoforge.models.spectral import SMARTIES_RANGES
 from eoforge.models.vit import SpectralViT
 from eoforge.pretrain.mae import MAE
 from eoforge.pretrain.selective_mae import SelectiveMAE
+
+from perf_report import machine, now, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REF_MAE = REPO_ROOT.parent / "shared" / "bench" / "ref_mae.py"
@@ -153,17 +151,6 @@ def time_rounds(steps: dict[str, Callable[[], None]], cfg: dict) -> dict[str, li
     return samples
 
 
-def _cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo where platform.processor() is empty (Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), ""
-    )
-
-
 def markdown(result: dict) -> str:
     cfg, machine, gate = result["config"], result["machine"], result["gate"]
     lines = [
@@ -225,15 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "selective_mae",
         "smoke": args.smoke,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "processor": platform.processor() or _cpu_model(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "date": now(),
+        "machine": machine(args.threads),
         "config": cfg,
         "patches": (cfg["img"] // cfg["patch"]) ** 2,
         "models": models,
@@ -251,11 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pass": speedup >= GATE,
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selective_mae.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "selective_mae.md").write_text(table)
-    print(table)
+    write_results(args.out, "selective_mae", result, markdown)
     return result
 
 
