@@ -59,6 +59,7 @@ from eoforge.datasets.ingest import (
     unique_key,
     write_shard_folder,
 )
+from eoforge.datasets.quality import QualityFilter
 from eoforge.datasets.sensors import Band, band_table, get_sensor
 from eoforge.datasets.shards import (
     FORMAT,
@@ -392,6 +393,8 @@ def build_paired_shards(
     shard_size: int = 256,
     gsd: float | None = None,
     min_valid: float = 0.5,
+    max_cloud_fraction: float | None = None,
+    max_nodata_fraction: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -411,6 +414,9 @@ def build_paired_shards(
         shard_size: samples per shard.
         gsd: pixel size in metres of each sample's grid (default: the anchor's finest band).
         min_valid: tiles whose anchor has a smaller valid fraction are skipped.
+        max_cloud_fraction, max_nodata_fraction: quality thresholds (``eoforge.datasets.quality``)
+            applied to the anchor's tile: the reference sensor's product (its first date in a
+            series), with the cloud layers shipped with that product.
         overwrite: replace shards (and the now stale stats.json) already in ``out``.
         progress: show a progress bar over groups.
 
@@ -423,6 +429,7 @@ def build_paired_shards(
             ``overwrite``, or no tile kept.
     """
     check_build_options(tile_size, shard_size, min_valid)
+    quality = QualityFilter(max_cloud_fraction, max_nodata_fraction)
     src, out = Path(src), Path(out)
     sensors = [get_sensor(s).name for s in (reference, *pair)]
     products = discover_products(src, layout, sensors)
@@ -463,6 +470,7 @@ def build_paired_shards(
             first = scene.scenes[group.anchor][0]
             if not check_invalid(first, summary):
                 continue
+            quality.start_scene(group.members[group.anchor][0].source, first)
             for sensor, read in scene.scenes.items():
                 for one in (s for s in read if s is not first):
                     if one.valid.any():
@@ -473,7 +481,9 @@ def build_paired_shards(
                             f"its samples lack {sensor}",
                             stacklevel=2,
                         )
-            yield from _group_tiles(scene, bands, series, tile_size, min_valid, keys, summary)
+            yield from _group_tiles(
+                scene, bands, series, tile_size, min_valid, quality, keys, summary
+            )
 
     def index(counts: list[int]) -> dict:
         return {
@@ -494,20 +504,25 @@ def build_paired_shards(
                 "lone_partners": lone_partners,
                 "gsd": gsd,
             },
+            "quality": quality.report(),
             "source": str(src.resolve()),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
     def nothing_kept() -> DataError:
+        dropped = quality.report()["tiles_dropped"]
         return DataError(
             f"no tile of {src} was kept: {summary['tiles_skipped']} tiles had less than "
-            f"min_valid={min_valid} valid pixels; lower --min-valid or --tile-size"
+            f"min_valid={min_valid} valid pixels, {dropped['nodata']} more nodata than "
+            f"max_nodata_fraction={max_nodata_fraction} and {dropped['cloud']} more cloud than "
+            f"max_cloud_fraction={max_cloud_fraction}; lower --min-valid or --tile-size, or "
+            "raise the thresholds"
         )
 
     counts = write_shard_folder(
         out, samples(), index, shard_size=shard_size, overwrite=overwrite, empty=nothing_kept
     )
-    summary.update(samples=sum(counts), shards=len(counts))
+    summary.update(samples=sum(counts), shards=len(counts), quality=quality.report())
     lacking = {s: n for s, n in summary["missing"].items() if n}
     if lacking:
         warnings.warn(
@@ -525,6 +540,7 @@ def _group_tiles(
     series: bool,
     tile_size: int,
     min_valid: float,
+    quality: QualityFilter,
     keys: set[str],
     summary: dict,
 ) -> Iterator[dict]:
@@ -536,8 +552,11 @@ def _group_tiles(
         for col in range(0, scene.grid.width, tile_size):
             window = (row, col, tile_size, tile_size)
             views = {s: _crop(*arrays[s], fills[s], window) for s in arrays}
-            if views[group.anchor][1].mean() < min_valid:
+            anchor_valid = views[group.anchor][1]  # [(T,) C, h, w]
+            if anchor_valid.mean() < min_valid:
                 summary["tiles_skipped"] += 1
+                continue
+            if not quality.check(window, anchor_valid[0] if series else anchor_valid):
                 continue
             # A sensor with no valid pixel in this tile is absent from it.
             views = {s: v for s, v in views.items() if v[1].any()}

@@ -7,7 +7,7 @@ Sample contract (one sample, see ``to_sample``)::
               "valid": bool [C, H, W], "gsd": float m, "time": int64 unix seconds (absent if unknown)},
      "meta": {"id": str, "crs": str, "bounds": [4], "source": str, "shard": str}}
 
-Batch contract (one micro-batch, see ``collate``): one sensor, one image size::
+Batch contract (one micro-batch, see ``eoforge.datasets.batching``): one sensor, one image size::
 
     {sensor: {"image": float32 [B, C, H, W], "valid": bool [B, C, H, W], "band_ids": list[str] (C),
               "wavelengths": float32 [B, C], "bandwidths": float32 [B, C], "gsd": float32 [B],
@@ -52,15 +52,17 @@ import hashlib
 import json
 import os
 import random
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from eoforge.datasets.batching import BufferRing, collate, direct_batch, finish_batch
 from eoforge.datasets.errors import DataError
-from eoforge.datasets.sensors import SENSORS
 from eoforge.datasets.shards import (
     META,
     decode_group,
@@ -75,6 +77,8 @@ from eoforge.datasets.stats import Normaliser
 
 Transform = Callable[[dict, torch.Generator], dict]
 STATE_VERSION = 1
+PREFETCH = 2  # batches a DataLoader worker may run ahead of the consumer
+RING = PREFETCH + 2  # a worker's reused buffers per batch shape (see BufferRing)
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -99,7 +103,7 @@ def to_sample(raw: dict, normaliser: Normaliser) -> dict:
         "band_ids": band_ids,
         "wavelengths": torch.tensor(meta["wavelengths"], dtype=torch.float32),
         "bandwidths": torch.tensor(meta["bandwidths"], dtype=torch.float32),
-        "valid": torch.from_numpy(valid),
+        "valid": torch.from_numpy(writable(valid)),
         "gsd": float(meta["gsd"]),
     }
     if meta.get("time") is not None:
@@ -116,6 +120,12 @@ def to_sample(raw: dict, normaliser: Normaliser) -> dict:
     }
 
 
+def writable(array: np.ndarray) -> np.ndarray:
+    """``array``, or a copy where it is a read-only view of shard bytes (a tensor made from it
+    must own memory it may write)."""
+    return array if array.flags.writeable else array.copy()
+
+
 def _group_sample(raw: dict, normaliser: Normaliser) -> dict:
     """A group sample (several sensors and/or a time axis) -> one view per sensor of the build."""
     arrays, meta = decode_group(raw)
@@ -129,7 +139,7 @@ def _group_sample(raw: dict, normaliser: Normaliser) -> dict:
             valid = torch.zeros(row["shape"], dtype=torch.bool)
         else:
             image = torch.from_numpy(normaliser(pair[0], pair[1], band_ids))
-            valid = torch.from_numpy(pair[1])
+            valid = torch.from_numpy(writable(pair[1]))
         view = {
             "image": image,
             "band_ids": band_ids,
@@ -150,100 +160,6 @@ def _group_sample(raw: dict, normaliser: Normaliser) -> dict:
         "shard": raw.get("__url__", ""),
     }
     return sample
-
-
-def sensors_of(sample: dict) -> list[str]:
-    """The sensor entries of a sample or batch, in their order."""
-    return [k for k in sample if k != "meta"]
-
-
-def sensor_of(sample: dict) -> str:
-    """The sensor entry of a single-sensor sample or batch."""
-    (sensor,) = sensors_of(sample)
-    return sensor
-
-
-def batch_key(sample: dict) -> tuple:
-    """What a batch must share: (sensor, H, W) for a single-sensor sample (its band set may
-    differ, see ``collate``); for a time series (sensor, band_ids, T, H, W); for several
-    sensors, one such tuple per sensor with its band_ids."""
-    sensors = sensors_of(sample)
-    view = sample[sensors[0]]
-    if len(sensors) == 1 and view["image"].ndim == 3:
-        return (sensors[0], *view["image"].shape[-2:])
-    keys = tuple(
-        (sensor, tuple(view["band_ids"]), *view["image"].shape[:-3], *view["image"].shape[-2:])
-        for sensor, view in ((s, sample[s]) for s in sensors)
-    )
-    return keys[0] if len(keys) == 1 else keys
-
-
-def collate(samples: Sequence[dict]) -> dict:
-    """Samples sharing a ``batch_key`` -> the batch contract (module docstring); single-sensor
-    samples with different band sets are put on the union of their bands (``pad_bands``)."""
-    keys = {batch_key(s) for s in samples}
-    if len(keys) != 1:
-        raise DataError(f"cannot batch samples of different sensors/bands/sizes: {sorted(keys)}")
-    sensors = sensors_of(samples[0])
-    views = {sensor: [s[sensor] for s in samples] for sensor in sensors}
-    if len(sensors) == 1 and len({tuple(v["band_ids"]) for v in views[sensors[0]]}) > 1:
-        views[sensors[0]] = pad_bands(sensors[0], views[sensors[0]])
-    batch = {sensor: _stack(views[sensor]) for sensor in sensors}
-    batch["meta"] = {
-        field: [s["meta"][field] for s in samples]
-        for field in ("id", "source", "shard", "crs", "bounds")
-    }
-    return batch
-
-
-def pad_bands(sensor: str, views: Sequence[dict]) -> list[dict]:
-    """Single-sensor views ([C, H, W]) on the union of their band sets, in the sensor's registry
-    order (bands unknown to the registry after, in order of appearance): a view's absent bands
-    are zeros with ``valid`` False and carry the wavelength/bandwidth of the views that have them.
-    """
-    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for view in views:
-        for c, band_id in enumerate(view["band_ids"]):
-            rows.setdefault(band_id, (view["wavelengths"][c], view["bandwidths"][c]))
-    registry = [b.band_id for b in SENSORS[sensor].bands] if sensor in SENSORS else []
-    known = [b for b in registry if b in rows]
-    union = known + [b for b in rows if b not in known]
-    wavelengths = torch.stack([rows[b][0] for b in union])  # [C]
-    bandwidths = torch.stack([rows[b][1] for b in union])  # [C]
-    padded = []
-    for view in views:
-        index = torch.tensor([union.index(b) for b in view["band_ids"]])
-        image = view["image"].new_zeros((len(union), *view["image"].shape[-2:]))  # [C, H, W]
-        valid = torch.zeros(image.shape, dtype=torch.bool)
-        image[index], valid[index] = view["image"], view["valid"]
-        padded.append(
-            view
-            | {
-                "image": image,
-                "valid": valid,
-                "band_ids": list(union),
-                "wavelengths": wavelengths,
-                "bandwidths": bandwidths,
-            }
-        )
-    return padded
-
-
-def _stack(views: Sequence[dict]) -> dict:
-    """One sensor's views of B samples -> its batch view."""
-    batch = {
-        "image": torch.stack([v["image"] for v in views]),
-        "valid": torch.stack([v["valid"] for v in views]),
-        "band_ids": list(views[0]["band_ids"]),
-        "wavelengths": torch.stack([v["wavelengths"] for v in views]),
-        "bandwidths": torch.stack([v["bandwidths"] for v in views]),
-        "gsd": torch.tensor([v["gsd"] for v in views], dtype=torch.float32),
-    }
-    if all("time" in v for v in views):
-        batch["time"] = torch.stack([v["time"] for v in views])
-    if any("present" in v for v in views):
-        batch["present"] = torch.stack([v.get("present", torch.tensor(True)) for v in views])
-    return batch
 
 
 @dataclass(frozen=True)
@@ -311,6 +227,10 @@ class ShardStream:
         sensor_weights: weight of each sensor within a shard set (default: its sample count).
         transform: ``transform(sample, generator) -> sample`` applied to each sample after
             normalisation, with a ``torch.Generator`` seeded by ``sample_seed``.
+        device: where batches are finished (``batching.finish_batch``): a worker hands plain
+            batches over in their stored dtype, and they are moved here and normalised here
+            (the training device: half the bytes to copy, and no normalisation on CPU cores).
+            Default: normalised on the CPU of the consuming process.
 
     Example:
         >>> stream = ShardStream(["shards/s2", "shards/s1"], Normaliser.from_files(
@@ -333,6 +253,7 @@ class ShardStream:
         world_size: int | None = None,
         sensor_weights: Mapping[str, float] | None = None,
         transform: Transform | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
             raise DataError(
@@ -356,6 +277,7 @@ class ShardStream:
         self.world_size = world_size
         self.sensor_weights = dict(sensor_weights) if sensor_weights else None
         self.transform = transform
+        self.device = device
         self._sources: list[Source] | None = None
         self._workers = [{"draws": 0, "sources": {}} for _ in range(max(1, num_workers))]
         self._next_worker = 0
@@ -451,12 +373,15 @@ class ShardStream:
         self._workers = copy.deepcopy(state["workers"])
         self._next_worker = int(state["next_worker"])
 
-    def epoch_batches(self, epoch: int) -> Iterator[dict]:
+    def epoch_batches(self, epoch: int, finish: bool = True) -> Iterator[dict]:
         """The batches of one epoch of every source on this rank (finite; may be empty); the
-        stream's position is neither used nor moved."""
+        stream's position is neither used nor moved. ``finish=False`` gives them as workers hand
+        them over, for a consumer that runs ``batching.finish_batch`` itself on each before it
+        takes the next (their tensors may be buffers a worker reuses: see ``BufferRing``)."""
+        keep = self._keep()
         for batch in self._loader(epoch):
             batch["meta"].pop("stream")
-            yield batch
+            yield finish_batch(batch, self.device, keep) if finish else batch
 
     def iter_batches(self) -> Iterator[dict]:
         """Batches forever from the current position (the start, or what ``load_state_dict``
@@ -467,12 +392,18 @@ class ShardStream:
                 worker.
         """
         self._check_rank_has_shards()
+        keep = self._keep()
         for batch in self._loader(None):
             stream = batch["meta"].pop("stream")
             worker = stream.pop("worker")
             self._workers[worker] = stream
             self._next_worker = (worker + 1) % len(self._workers)
-            yield batch
+            yield finish_batch(batch, self.device, keep)
+
+    def _keep(self) -> deque:
+        """Room for the stored tensors of every worker's buffers (``finish_batch``'s ``keep``),
+        for up to two batch shapes per worker."""
+        return deque(maxlen=2 * RING * max(1, self.num_workers))
 
     def _loader(self, epoch: int | None) -> DataLoader:
         self.sources()  # found here, once, rather than in every worker
@@ -485,7 +416,9 @@ class ShardStream:
             _Batches(self, epoch, rank, world_size),
             batch_size=None,
             num_workers=self.num_workers,
+            prefetch_factor=PREFETCH if self.num_workers else None,
             generator=generator,
+            collate_fn=_as_is,
         )
 
     def worker_batches(self, epoch: int | None, rank: int, world_size: int) -> Iterator[dict]:
@@ -498,6 +431,7 @@ class ShardStream:
         start = 0 if epoch is not None else self._next_worker
         worker = ((info.id if info else 0) + start) % workers
         saved = self._workers[worker]
+        buffers = BufferRing(RING)
         readers = {}
         for source in self.sources():
             layout = (rank, world_size, worker, workers)
@@ -505,7 +439,7 @@ class ShardStream:
                 position = saved["sources"].get(source.key, {"epoch": 0, "shard": 0, "offset": 0})
                 if epoch is not None:
                     position = {"epoch": epoch, "shard": 0, "offset": 0}
-                readers[source.key] = _SourceReader(self, source, layout, position)
+                readers[source.key] = _SourceReader(self, source, layout, position, buffers)
         draws = saved["draws"] if epoch is None else 0
         while readers:
             keys = list(readers)
@@ -520,6 +454,19 @@ class ShardStream:
             sources = {k: r.position() for k, r in readers.items()}
             batch["meta"]["stream"] = {"worker": worker, "draws": draws, "sources": sources}
             yield batch
+
+    def make_batch(
+        self, raws: Sequence[dict], epoch: int, buffers: BufferRing | None = None
+    ) -> dict:
+        """Raw samples -> one batch as a worker hands it over: ``direct_batch`` (stored dtype,
+        normalised by ``finish_batch`` in the consuming process) where no transform is set and
+        the samples are plain ones of one sensor, band set and size (the common case),
+        otherwise ``collate`` of ``prepare``d samples."""
+        if self.transform is None:
+            batch = direct_batch(raws, self.normaliser, buffers)
+            if batch is not None:
+                return batch
+        return collate([self.prepare(raw, epoch) for raw in raws])
 
     def prepare(self, raw: dict, epoch: int) -> dict:
         """A raw sample -> the sample contract, normalised, then transformed."""
@@ -588,8 +535,15 @@ class _Batches(IterableDataset):
 class _SourceReader:
     """One worker's share of one source, read batch by batch from a position, epoch after epoch."""
 
-    def __init__(self, stream: ShardStream, source: Source, layout: tuple, position: dict):
-        self.stream, self.source, self.layout = stream, source, layout
+    def __init__(
+        self,
+        stream: ShardStream,
+        source: Source,
+        layout: tuple,
+        position: dict,
+        buffers: BufferRing,
+    ):
+        self.stream, self.source, self.layout, self.buffers = stream, source, layout, buffers
         self.epoch, self.shard, self.offset = (position[k] for k in ("epoch", "shard", "offset"))
         self._samples: Iterator | None = None
         self._from_start = False
@@ -613,17 +567,23 @@ class _SourceReader:
             self._samples = self._raw()
             self._from_start = self.shard == 0 and self.offset == 0
             self._produced = False
-        samples = []
+        raws = []
         for j, n, raw in self._samples:
-            samples.append(self.stream.prepare(raw, self.epoch))
-            if len(samples) == self.stream.batch_size:
+            raws.append(raw)
+            if len(raws) == self.stream.batch_size:
                 self.shard, self.offset, self._produced = j, n, True
-                return collate(samples)
+                return self.stream.make_batch(raws, self.epoch, self.buffers)
         if strict and self._from_start and not self._produced:
             raise self.stream.empty_epoch_error(self.source, self.epoch, self.layout)
         self._samples = None
         self.epoch, self.shard, self.offset = self.epoch + 1, 0, 0
         return None
+
+
+def _as_is(batch: dict) -> dict:
+    """The DataLoader's collate function: batches are built already, and its default walks
+    every list of every batch converting nothing."""
+    return batch
 
 
 def _sample_count(urls: Sequence[str]) -> float:

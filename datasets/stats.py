@@ -176,6 +176,7 @@ class Normaliser:
         self.stats = stats
         self.clip = clip
         self.bands: dict[str, dict] = dict(stats.get("bands", {}))
+        self._affines: dict[tuple[str, ...], np.ndarray] = {}
 
     @classmethod
     def from_file(cls, path: str | Path, *, clip: bool = True) -> Normaliser:
@@ -244,20 +245,46 @@ class Normaliser:
         """Normalise ``array`` [C, H, W] or [T, C, H, W] (any real dtype) with ``valid`` bool of
         the same shape whose channels are ``band_ids``; returns float32 of that shape with invalid
         pixels 0."""
-        if array.ndim < 3 or array.shape[-3] != len(band_ids) or valid.shape != array.shape:
+        out = np.empty(array.shape, dtype=np.float32)
+        self.normalise_into(out, array, valid, band_ids)
+        return out
+
+    def normalise_into(
+        self,
+        out: np.ndarray,
+        array: np.ndarray,
+        valid: np.ndarray | None,
+        band_ids: Sequence[str],
+    ) -> None:
+        """``__call__`` writing into ``out`` (float32, the shape of ``array``), e.g. a sample's
+        slot of a batch; ``valid=None`` means every pixel is valid."""
+        if array.ndim < 3 or array.shape[-3] != len(band_ids) or out.shape != array.shape:
             raise DataError(
-                f"normalising {array.shape} with valid {valid.shape} and {len(band_ids)} band ids; "
-                "the channel counts must agree"
+                f"normalising {array.shape} into {out.shape} with {len(band_ids)} band ids; "
+                "the shapes and channel counts must agree"
             )
-        low, high, gain, shift = (v[:, None, None] for v in self.coefficients(band_ids))
-        # One float32 copy worked on in place: fresh temporaries per operation cost ~15x more
-        # (page faults on every large allocation), and this runs once per sample in the reader.
-        values = array.astype(np.float32)
-        if self.clip:
-            np.clip(values, low, high, out=values)
-        values -= low
-        values *= gain
-        values -= shift
-        if not valid.all():
-            values[~valid] = 0.0
-        return values
+        if valid is not None and valid.shape != array.shape:
+            raise DataError(f"normalising {array.shape} with valid mask {valid.shape}")
+        low, high, gain, offset = self.affine(band_ids)[:, :, None, None]  # each [C, 1, 1]
+        # Three passes in place over ``out`` (clip converts while it copies): fresh temporaries
+        # per operation cost far more (page faults on every large allocation), and this runs
+        # once per sample in the reader. ``finish_batch`` does the same on whole batches.
+        np.clip(array, low, high, out=out)
+        out *= gain
+        out -= offset
+        if valid is not None and not valid.all():
+            out[~valid] = 0.0
+
+    def affine(self, band_ids: Sequence[str]) -> np.ndarray:
+        """[4, C] float32 rows (low, high, gain, offset) with ``normalised = clip(x, low, high)
+        * gain - offset`` (low/high infinite when ``clip`` is off); cached per band set."""
+        key = tuple(band_ids)
+        cached = self._affines.get(key)
+        if cached is None:
+            low, high, gain, shift = (v.astype(np.float64) for v in self.coefficients(key))
+            offset = low * gain + shift
+            if not self.clip:
+                low, high = np.full_like(low, -np.inf), np.full_like(high, np.inf)
+            cached = np.stack([low, high, gain, offset]).astype(np.float32)
+            self._affines[key] = cached
+        return cached

@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     quality = build.add_argument_group(
-        "quality filters (single-sensor builds)",
-        "Per tile; kept/dropped counts are printed and stored in index.json. Cloud layers are "
+        "quality filters",
+        "Per tile (of the reference sensor's product in --pair/--series builds; nodata only for "
+        "datacubes); kept/dropped counts are printed and stored in index.json. Cloud layers are "
         "the masks shipped next to the bands: S2 cloud_mask/SCL/MSK_CLDPRB, Landsat "
         "BQA/QA_PIXEL, EnMAP QL_QUALITY_CLOUD/CIRRUS.",
     )
@@ -231,11 +232,6 @@ def _data_build(args) -> int:
             raise DataError(
                 "--bands and --pattern apply to single-sensor builds, not --pair/--series"
             )
-        if args.max_cloud_fraction is not None or args.max_nodata_fraction is not None:
-            raise DataError(
-                "--max-cloud-fraction and --max-nodata-fraction apply to single-sensor builds, "
-                "not --pair/--series"
-            )
         summary = build_paired_shards(
             args.src,
             args.out,
@@ -248,9 +244,12 @@ def _data_build(args) -> int:
             tile_size=args.tile_size,
             shard_size=args.shard_size,
             gsd=args.gsd,
+            max_cloud_fraction=args.max_cloud_fraction,
+            max_nodata_fraction=args.max_nodata_fraction,
             overwrite=args.overwrite,
         )
         print(json.dumps(summary, indent=2, default=str))
+        _print_quality(summary)
         print(f"next: eoforge data stats {args.out}")
         return 0
     if args.time_window_days is not None or args.drop_lone_partners:
@@ -269,6 +268,12 @@ def _data_build(args) -> int:
         overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2, default=str))
+    _print_quality(summary)
+    print(f"next: eoforge data stats {args.out}")
+    return 0
+
+
+def _print_quality(summary: dict) -> None:
     quality = summary["quality"]
     dropped = quality["tiles_dropped"]
     print(
@@ -276,8 +281,6 @@ def _data_build(args) -> int:
         f"(max {quality['max_cloud_fraction']}), {dropped['nodata']} for nodata "
         f"(max {quality['max_nodata_fraction']}), {summary['tiles_skipped']} below min_valid"
     )
-    print(f"next: eoforge data stats {args.out}")
-    return 0
 
 
 def _data_build_cube(args) -> int:

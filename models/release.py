@@ -126,8 +126,9 @@ def render_model_card(card: Mapping) -> str:
         "features = release.encoder.forward_features(images, release.band_ids, release.wavelengths)",
         "```",
         "",
-        "Inputs must be normalised per band as below: clip to [p1, p99], scale to [0, 1], "
-        "then subtract `mean` and divide by `std`.",
+        "Inputs must be normalised per band as below: "
+        + ("clip to [p1, p99], " if _clipped(card) else "no clipping, ")
+        + "scale [p1, p99] to [0, 1], then subtract `mean` and divide by `std`.",
         "",
         "| band_id | wavelength (nm) | bandwidth (nm) | GSD (m) | p1 | p99 | mean | std |",
         "|---|---|---|---|---|---|---|---|",
@@ -148,6 +149,11 @@ def render_model_card(card: Mapping) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _clipped(card: dict) -> bool:
+    """Whether the card's normalisation clips to [p1, p99] (cards without the flag did)."""
+    return all(row.get("clip", True) for row in card["normalisation"].values())
 
 
 def _fmt(value) -> str:

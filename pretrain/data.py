@@ -9,6 +9,8 @@ import warnings
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from eoforge.datasets.augment import AugmentConfig, augment_sample
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.ingest import build_shards
@@ -92,9 +94,11 @@ def prepare_shards(cfg: DataConfig, is_main: bool) -> list[Path]:
     return resolve_shard_dirs(cfg)
 
 
-def build_stream(cfg: DataConfig, shard_dirs: list[Path], seed: int) -> ShardStream:
+def build_stream(
+    cfg: DataConfig, shard_dirs: list[Path], seed: int, device: torch.device | None = None
+) -> ShardStream:
     """The weighted, sensor-homogeneous batch stream over the training data, normalised with the
-    statistics in ``shard_dirs``."""
+    statistics in ``shard_dirs`` on ``device``."""
     normaliser = training_normaliser(shard_dirs, clip=cfg.clip_percentiles)
     if cfg.mixture:
         urls = [
@@ -112,12 +116,15 @@ def build_stream(cfg: DataConfig, shard_dirs: list[Path], seed: int) -> ShardStr
         num_workers=cfg.num_workers,
         sensor_weights={k: float(v) for k, v in cfg.sensor_weights.items()} or None,
         transform=augment_transform(cfg.augment),
+        device=device,
     )
 
 
-def build_val_stream(cfg: DataConfig, normaliser: Normaliser, seed: int) -> ShardStream | None:
-    """The held-out stream (data.val_shards), normalised with the training statistics and not
-    augmented; None without validation."""
+def build_val_stream(
+    cfg: DataConfig, normaliser: Normaliser, seed: int, device: torch.device | None = None
+) -> ShardStream | None:
+    """The held-out stream (data.val_shards), normalised with the training statistics on
+    ``device`` and not augmented; None without validation."""
     if not cfg.val_every:
         return None
     return ShardStream(
@@ -126,6 +133,7 @@ def build_val_stream(cfg: DataConfig, normaliser: Normaliser, seed: int) -> Shar
         batch_size=cfg.batch_size,
         seed=seed,
         shuffle_buffer=cfg.shuffle_buffer,
+        device=device,
     )
 
 

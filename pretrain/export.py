@@ -37,8 +37,9 @@ def consolidated_encoder_state(checkpoints: Path) -> tuple[dict, int]:
     return encoder, step
 
 
-def band_card(shard_dirs: list[Path]) -> tuple[list[dict], dict, dict, dict]:
-    """Band table, per-band normalisation, GSD per sensor and data summary from shard folders."""
+def band_card(shard_dirs: list[Path], clip: bool = True) -> tuple[list[dict], dict, dict, dict]:
+    """Band table, per-band normalisation (``clip``: whether values were clipped to [p1, p99],
+    ``data.clip_percentiles``), GSD per sensor and data summary from shard folders."""
     bands, normalisation, gsd = {}, {}, {}
     data = {"shards": [str(d) for d in shard_dirs], "samples": 0, "sensors": {}}
     for folder in shard_dirs:
@@ -53,6 +54,7 @@ def band_card(shard_dirs: list[Path]) -> tuple[list[dict], dict, dict, dict]:
                 gsd[row["sensor"]] = min(gsd.get(row["sensor"], row["gsd"]), row["gsd"])
         for band_id, s in stats["bands"].items():
             normalisation[band_id] = {
+                "clip": clip,
                 "clip_percentiles": stats["clip_percentiles"],
                 "p1": s["p1"],
                 "p99": s["p99"],
@@ -71,7 +73,9 @@ def build_release(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"{run.path} is not an eoforge run directory (no config.yaml)")
     cfg = load_config(PretrainConfig, run.path / "config.yaml")
     state, step = consolidated_encoder_state(run.checkpoints)
-    bands, normalisation, gsd, data = band_card(resolve_shard_dirs(cfg.data))
+    bands, normalisation, gsd, data = band_card(
+        resolve_shard_dirs(cfg.data), clip=cfg.data.clip_percentiles
+    )
     card = {
         "name": cfg.release.name
         or f"{cfg.model.name}-{objective_label(cfg.objective)}-{run.path.name}",

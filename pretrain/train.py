@@ -110,8 +110,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     shard_dirs = prepare_shards(cfg.data, is_main=dist_env.is_main)
     barrier()
-    stream = build_stream(cfg.data, shard_dirs, seed=cfg.seed)
-    val_stream = build_val_stream(cfg.data, stream.normaliser, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every relaunch
     encoder = create_model(cfg.model.name, **cfg.model.kwargs)
     objective = build_objective(cfg.objective, encoder)
@@ -127,6 +125,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         precision=cfg.engine.precision,
         grad_clip=cfg.engine.grad_clip,
     )
+    # Batches are normalised on the training device (see ShardStream's device).
+    stream = build_stream(cfg.data, shard_dirs, seed=cfg.seed, device=engine.device)
+    val_stream = build_val_stream(cfg.data, stream.normaliser, seed=cfg.seed, device=engine.device)
     state = engine.load(run.checkpoints) or {}
     step = int(state.get("step", 0))
     log.info(

@@ -260,9 +260,12 @@ def test_percentile_clipping_bounds_values_per_sensor(samples):
 def test_a_run_config_turns_clipping_off(samples):
     from eoforge.pretrain.config import DataConfig
     from eoforge.pretrain.data import build_stream
+    from eoforge.pretrain.export import band_card
 
     folder = samples["root"] / "s2s1_bigearthnet"
     for clip in (True, False):
         cfg = DataConfig(shards=[str(folder)], batch_size=1, clip_percentiles=clip)
         assert build_stream(cfg, [folder], seed=0).normaliser.clip is clip
+        _, normalisation, _, _ = band_card([folder], clip=clip)  # what the release card records
+        assert {row["clip"] for row in normalisation.values()} == {clip}
     assert DataConfig().clip_percentiles  # the SPECS T1 preprocessing stays the default

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ import rasterio
 import torch
 from real_batches import enmap_batch, paired_s1s2_batch, s2_batch, seasonal_batch
 
+from eoforge.datasets.batching import batch_key, collate
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.ingest import verify_shards
 from eoforge.datasets.pairs import (
@@ -24,7 +27,7 @@ from eoforge.datasets.pairs import (
     pair_products,
     read_group,
 )
-from eoforge.datasets.reader import ShardStream, batch_key, collate, to_sample
+from eoforge.datasets.reader import ShardStream, to_sample
 from eoforge.datasets.shards import (
     decode_group,
     encode_group,
@@ -358,6 +361,37 @@ def test_real_batches_for_other_tests(sample_data, tmp_path):
     assert not enmap["ENMAP"]["valid"].all()  # water-vapour bands are nodata
 
 
+def test_quality_filters_apply_to_the_reference_product(sample_data, tmp_path):
+    """A paired build drops the tiles that the reference (S2) product's own cloud layer flags,
+    counts them, and keeps the partner's views of the tiles it keeps."""
+    src = tmp_path / "ben"
+    for sensor, product in (("s2-tiny", PAIRED_S2), ("s1-tiny", PAIRED_S1)):
+        shutil.copytree(
+            sample_data / BEN / sensor / product, src / sensor / product, copy_function=os.symlink
+        )
+    s2 = src / "s2-tiny" / PAIRED_S2
+    with rasterio.open(next(s2.glob("*_B02.tif"))) as ds:
+        profile = ds.profile | {"dtype": "uint8", "count": 1, "nodata": None}
+        height = ds.height
+    scl = np.full((height, profile["width"]), 4, dtype=np.uint8)  # 4: vegetation
+    scl[: height // 2] = 9  # the top half: cloud, high probability
+    with rasterio.open(s2 / f"{PAIRED_S2}_SCL.tif", "w", **profile) as ds:
+        ds.write(scl, 1)
+    out = tmp_path / "out"
+    summary, _ = build(
+        src, out, pair=["S1GRD"], layout="bigearthnet", time_window_days=1, tile_size=60,
+        max_cloud_fraction=0.5,
+    )  # fmt: skip
+    quality = summary["quality"]
+    assert quality["tiles_dropped"] == {"cloud": 2, "nodata": 0}
+    assert quality["tiles_kept"] == summary["samples"] == 2
+    assert quality["cloud_layers"] == {"SCL": 1}
+    assert json.loads((out / "index.json").read_text())["quality"] == quality
+    metas = [json.loads(raw["json"]) for url in list_shards(out) for raw in iter_tar_samples(url)]
+    assert sorted(m["window"][:2] for m in metas) == [[60, 0], [60, 60]]
+    assert all(m["sensors"]["S1GRD"]["present"] for m in metas)
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -366,7 +400,7 @@ def test_cli_builds_verifies_and_describes_a_paired_folder(sample_data, tmp_path
     args = ["data", "build", str(sample_data / BEN), str(out), "--sensor", "S2L2A"]
     paired = ["--pair", "S1GRD", "--layout", "bigearthnet", "--time-window-days", "1"]
     assert main([*args, *paired, "--tile-size", "120", "--drop-lone-partners"]) == 0
-    summary = json.loads(capsys.readouterr().out.split("\nnext:")[0])
+    summary = json.loads(capsys.readouterr().out.split("\ntiles:")[0])
     assert summary["samples"] == 3 and summary["missing"] == {"S2L2A": 0, "S1GRD": 0}
     assert main(["data", "verify", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["sensors"] == {"S2L2A": 3, "S1GRD": 3}

@@ -165,12 +165,14 @@ def test_thresholds_are_validated_and_a_missing_cloud_layer_is_named(sample_data
     assert summary["quality"]["cloud_layers"] == {} and summary["samples"] == 2
 
 
-def test_paired_builds_refuse_quality_flags(tmp_path, capsys):
+def test_paired_builds_take_quality_flags_from_the_cli(sample_data, tmp_path, capsys):
+    out = tmp_path / "out"
     code = main([
-        "data", "build", str(tmp_path), str(tmp_path / "out"), "--sensor", "S2L2A",
-        "--pair", "S1GRD", "--layout", "ssl4eo", "--max-cloud-fraction", "0.3",
+        "data", "build", str(sample_data / "bigearthnet_s1s2/v1_tiles_bigearthnet_encoder"),
+        str(out), "--sensor", "S2L2A", "--pair", "S1GRD", "--layout", "bigearthnet",
+        "--time-window-days", "1", "--tile-size", "120", "--max-nodata-fraction", "0.5",
     ])  # fmt: skip
-    assert code == 2
-    assert "--max-cloud-fraction and --max-nodata-fraction apply to single-sensor" in (
-        capsys.readouterr().err
-    )
+    assert code == 0
+    quality = json.loads((out / "index.json").read_text())["quality"]
+    assert quality["max_nodata_fraction"] == 0.5 and quality["max_cloud_fraction"] is None
+    assert f"tiles: {quality['tiles_kept']} kept; dropped 0 for cloud" in capsys.readouterr().out

@@ -14,15 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from eoforge.datasets.batching import collate, sensor_of
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.ingest import build_shards
-from eoforge.datasets.reader import (
-    ShardStream,
-    collate,
-    distributed_rank,
-    sensor_of,
-    to_sample,
-)
+from eoforge.datasets.reader import ShardStream, distributed_rank, to_sample
 from eoforge.datasets.shards import (
     decode_sample,
     encode_sample,

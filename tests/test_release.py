@@ -89,3 +89,19 @@ def test_hypernetwork_release_warns_for_bands_it_was_not_trained_on(tmp_path):
     assert load_release(path).encoder.patch_embed.trained_bands == {b["band_id"] for b in BANDS}
     with pytest.warns(UserWarning, match="S2L2A:B05"):
         load_release(path, bands=["S2L2A:B04", {"band_id": "S2L2A:B05", "wavelength": 704.1}])
+
+
+def test_model_card_states_whether_inputs_are_clipped(tmp_path):
+    model = create_model("vit_test_patch8")
+    for clip, wording in ((True, "clip to [p1, p99], scale"), (False, "no clipping, scale")):
+        norm = {"p1": 0, "p99": 1, "mean": 0, "std": 1, "clip": clip}
+        card = {
+            "bands": BANDS,
+            "normalisation": {b["band_id"]: norm for b in BANDS},
+            "objective": {"name": "mae"},
+            "data": {"samples": 1},
+            "steps": 3,
+        }
+        path = save_release(tmp_path / str(clip), model.state_dict(), "vit_test_patch8", {}, card)
+        assert wording in (path / "README.md").read_text()
+        assert load_release(path).normalisation["S2L2A:B04"]["clip"] is clip

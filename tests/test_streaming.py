@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from eoforge.datasets.augment import AugmentConfig, augment_sample
+from eoforge.datasets.batching import sensor_of
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.ingest import build_shards
-from eoforge.datasets.reader import ShardSet, ShardStream, sensor_of
+from eoforge.datasets.reader import ShardSet, ShardStream
 from eoforge.datasets.shards import iter_tar_samples, list_shards
 from eoforge.datasets.stats import Normaliser, compute_stats
 
