@@ -8,6 +8,7 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 EXAMPLES = {
     "data build": """examples:
@@ -26,6 +27,14 @@ co-registered sensors / time series (one sample per footprint, see --layout):
   eoforge pretrain --config mae data.shards=[shards/s2,shards/s1] run_dir=runs/mae
   eoforge pretrain --config my_run.yaml steps=2000 engine.zero_stage=3
 Relaunching the same command resumes from the newest checkpoint in run_dir.""",
+    "launch slurm": """examples:
+  eoforge launch slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu \\
+      --profile cluster.yaml -- pretrain --config mae data.shards=[shards/s2] run_dir=runs/mae
+  eoforge launch slurm --nodes 1 --gpus-per-node 4 --time 01:00:00 --partition debug --dry-run \\
+      -- pretrain --config mae run_dir=runs/try
+The script is written to RUN_DIR/launch.sbatch; sbatch it again to resume by hand.""",
+    "launch local": """example:
+  eoforge launch local --nproc 8 -- pretrain --config mae data.shards=[shards/s2] run_dir=runs/mae""",
     "release build": """examples:
   eoforge release build runs/demo                   # writes runs/demo/release
   eoforge release build runs/mae releases/mae-vit-b""",
@@ -38,6 +47,7 @@ Relaunching the same command resumes from the newest checkpoint in run_dir.""",
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -65,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain, release and evaluate multi-sensor Earth-observation foundation models.",
         epilog="Start with `eoforge pretrain` (a CPU demo end to end), then `eoforge <verb> --help`.",
     )
-    verbs = parser.add_subparsers(title="commands", metavar="{data,pretrain,release,eval}")
+    verbs = parser.add_subparsers(title="commands", metavar="{data,pretrain,launch,release,eval}")
 
     data = _group(verbs, "data", "turn GeoTIFF folders into WebDataset shards; statistics")
     build = _command(
@@ -169,6 +179,41 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.batch_size=16"
     )
+
+    launch = _group(verbs, "launch", "start pretraining on a Slurm cluster or on this node")
+    slurm = _command(
+        launch,
+        "launch",
+        "slurm",
+        "render an sbatch script into the run directory and submit it (requeued and resumed "
+        "automatically after the time limit or preemption)",
+        _launch_slurm,
+    )
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job")
+    slurm.add_argument(
+        "--nproc-per-node", type=int, help="ranks per node (default: the GPUs, or 1 on CPU)"
+    )
+    slurm.add_argument("--time", required=True, help="time limit, HH:MM:SS or D-HH:MM:SS")
+    slurm.add_argument("--partition", required=True)
+    slurm.add_argument("--account")
+    slurm.add_argument(
+        "--profile", help="cluster profile YAML: extra sbatch options, set-up lines, env, srun"
+    )
+    slurm.add_argument(
+        "--signal-grace",
+        type=int,
+        default=180,
+        metavar="S",
+        help="seconds before the time limit at which to save and requeue (default 180)",
+    )
+    slurm.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    slurm.add_argument("command", nargs=argparse.REMAINDER, help="-- pretrain [--config C] ...")
+    local = _command(
+        launch, "launch", "local", "pretrain with K ranks on this node (torchrun)", _launch_local
+    )
+    local.add_argument("--nproc", type=int, required=True, help="ranks (one per GPU)")
+    local.add_argument("command", nargs=argparse.REMAINDER, help="-- pretrain [--config C] ...")
 
     release = _group(verbs, "release", "build and verify releases")
     rbuild = _command(
@@ -348,6 +393,87 @@ def _pretrain(args) -> int:
             f"  eoforge eval linear --release {release} --dataset indian_pines:PATH/TO/indian_pines_aviris"
         )
     return 0
+
+
+def _launch_slurm(args) -> int:
+    from eoforge.launch.slurm import SlurmJob, load_profile, render_script, submit, write_script
+
+    command, cfg = _pretrain_command(args.command)
+    job = SlurmJob(
+        run_dir=Path(cfg.run_dir),
+        command=command,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        nproc_per_node=args.nproc_per_node,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        grace=args.signal_grace,
+        profile=load_profile(args.profile),
+    )
+    _validate(cfg, job.world_size)
+    argv = ["eoforge", *args.argv]
+    if args.dry_run:
+        print(render_script(job, argv), end="")
+        return 0
+    script = write_script(job, argv)
+    job_id = submit(script)
+    logs = job.run_dir / "logs"
+    print(
+        f"submitted job {job_id}: {script}\n"
+        f"  job log:   {logs}/slurm-{job_id}.out (every restart appends)\n"
+        f"  per node:  {logs}/node<N>-{job_id}.out; per rank: {logs}/rank<R>.log\n"
+        f"  resume by hand (after a cancel or a crash): sbatch {script}"
+    )
+    return 0
+
+
+def _launch_local(args) -> int:
+    import subprocess
+
+    command, cfg = _pretrain_command(args.command)
+    _validate(cfg, args.nproc)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = [*torchrun, f"--nproc_per_node={args.nproc}", "-m", "eoforge.launch.cli", *command]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def _pretrain_command(tokens: list[str]):
+    """``-- pretrain ...`` of a launch verb -> (the pretrain arguments every rank runs, the
+    loaded config); paths made absolute so the ranks do not depend on their working folder.
+
+    Raises:
+        ConfigError: for another verb, new_run=true, or a config that does not load.
+    """
+    from eoforge.launch.config import ConfigError, load_config
+    from eoforge.pretrain.config import PretrainConfig, find_config
+
+    tokens = tokens[1:] if tokens[:1] == ["--"] else tokens
+    if tokens[:1] != ["pretrain"]:
+        raise ConfigError("name the command to launch after --: -- pretrain [--config C] [k=v ...]")
+    args = build_parser().parse_args(tokens)
+    config = find_config(args.config).resolve()
+    cfg = load_config(PretrainConfig, config, args.overrides)
+    if cfg.new_run:
+        raise ConfigError(
+            "new_run=true would wipe the run at every requeue; remove the run folder instead"
+        )
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg.run_dir = str(run_dir)
+    overrides = [o for o in args.overrides if not o.startswith("run_dir=")]
+    return ["pretrain", "--config", str(config), *overrides, f"run_dir={run_dir}"], cfg
+
+
+def _validate(cfg, world_size: int) -> None:
+    """The config's own checks for ``world_size`` ranks, as a ConfigError."""
+    from eoforge.launch.config import ConfigError
+    from eoforge.pretrain.objectives import validate_objective
+
+    try:
+        cfg.validate(world_size)
+        validate_objective(cfg.objective)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _release_build(args) -> int:

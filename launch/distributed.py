@@ -6,8 +6,11 @@ DeepSpeed does not go looking for MPI.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +37,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
-    """Rank, world size, local rank and master address from a torchrun-style environment.
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank, world size, local rank and master address of this process.
 
-    Without RANK/WORLD_SIZE (a plain single process) this is rank 0 of 1 on localhost.
+    In order: a torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT); a Slurm task started by srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and,
+    for the master, MASTER_ADDR or else the first host of SLURM_JOB_NODELIST, and MASTER_PORT
+    or else a port derived from SLURM_JOB_ID, so that every task agrees without talking);
+    otherwise a plain single process, rank 0 of 1 on localhost. A Slurm batch script outside
+    srun (no SLURM_STEP_ID) is a single process: its SLURM_NTASKS counts tasks it has not
+    started.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -48,7 +57,58 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR")
+            or expand_hostlist(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))[0],
+            master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))),
+        )
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port())
+
+
+def slurm_port(job_id: str | int) -> int:
+    """The rendezvous port of a Slurm job: fixed by its id (jobs sharing a node differ), in
+    20000-39999, below the usual ephemeral range."""
+    return 20000 + int(str(job_id).split("_")[0]) % 20000
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list, expanded in order (what ``scontrol show hostnames`` prints):
+    ``"gpu[01-03,07],login"`` -> ``["gpu01", "gpu02", "gpu03", "gpu07", "login"]``; zero
+    padding is kept, and several bracket groups in one name expand as a product."""
+    hosts: list[str] = []
+    for name in _split_top_level(hostlist):
+        expanded = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", name):
+            choices = [""]
+            if ranges:
+                choices = []
+                for part in ranges.split(","):
+                    low, _, high = part.partition("-")
+                    if not high:
+                        choices.append(low)
+                        continue
+                    width = len(low)
+                    choices += [f"{i:0{width}d}" for i in range(int(low), int(high) + 1)]
+            expanded = [e + literal + c for e in expanded for c in choices]
+        hosts += [h for h in expanded if h]
+    return hosts
+
+
+def _split_top_level(hostlist: str) -> list[str]:
+    """Split at commas outside brackets."""
+    parts, depth, current = [], 0, ""
+    for ch in hostlist:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p for p in [*parts, current] if p]
 
 
 def backend_for_device() -> str:
@@ -85,6 +145,32 @@ def init_distributed(dist_env: DistEnv | None = None) -> DistEnv:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False)
     return dist_env
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank; every rank gets the same answer. Every rank must
+    call it at the same point (it is a collective). The all-reduce runs on the CPU over gloo,
+    so a GPU run does not wait on its device for it."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=_cpu_group())
+    return bool(value.item())
+
+
+@functools.cache
+def _cpu_group():
+    """A gloo process group over every rank (None: the default group is gloo already)."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo")
+
+
+def gather_objects(value):
+    """``value`` of every rank, in rank order (picklable objects)."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def barrier() -> None:

@@ -12,6 +12,7 @@ compile C++ ops at first use, which costs a minute per fresh machine for no gain
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -130,7 +131,11 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
-            (directory / tag / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+            # Written last, and atomically: a checkpoint without it is never loaded.
+            marker = directory / tag / COMPLETE_MARKER
+            partial = marker.with_name(f".{COMPLETE_MARKER}.tmp")
+            partial.write_text(json.dumps({"step": step}))
+            os.replace(partial, marker)
             for old in complete_checkpoints(directory)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()

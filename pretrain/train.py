@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from eoforge.launch.config import save_config
-from eoforge.launch.distributed import barrier, detect_env, init_distributed
+from eoforge.launch.distributed import (
+    any_rank,
+    barrier,
+    detect_env,
+    gather_objects,
+    init_distributed,
+)
 from eoforge.launch.engine import DeepSpeedEngine
 from eoforge.launch.logging import TensorBoard, get_logger, reconstruction_grid
 from eoforge.launch.rundir import RunDir
+from eoforge.launch.signals import StopRequest
 from eoforge.models import create_model
 from eoforge.pretrain.config import PretrainConfig
 from eoforge.pretrain.data import (
@@ -33,27 +38,7 @@ from eoforge.pretrain.data import (
     restore_position,
 )
 from eoforge.pretrain.objectives import build_objective, objective_label, validate_objective
-
-
-def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
-    """Linear warmup then half-cosine decay to ``floor``: a pure function of the step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def step_seed(seed: int, step: int, rank: int, *tags: int) -> int:
-    """Independent, reproducible seed per (run seed, step, rank, tags): resume replays the same
-    masks; validation batches use the tag 1."""
-    return int(np.random.SeedSequence([seed, step, rank, *tags]).generate_state(1)[0])
-
-
-def gather(value):
-    """``value`` of every rank, in rank order."""
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
+from eoforge.pretrain.schedule import lr_at, step_seed
 
 
 @torch.no_grad()
@@ -64,28 +49,8 @@ def validation_loss(engine, stream, batches: int, seed: int, rank: int) -> float
     for i, batch in enumerate(islice(stream.epoch_batches(0), batches)):
         torch.manual_seed(step_seed(seed, i, rank, 1))
         total, count = total + engine(batch)["loss"].item(), count + 1
-    sums = gather((total, count))
+    sums = gather_objects((total, count))
     return sum(t for t, _ in sums) / max(1, sum(n for _, n in sums))
-
-
-class StopRequest:
-    """Turns SIGUSR1/SIGTERM into a flag the loop checks after each step (save, then exit)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -188,9 +153,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 for sensor, images in engine.preview(batch).items():
                     tb.image(step, f"reconstruction/{sensor}", reconstruction_grid(images))
 
-            stopping = stop.requested or step == cfg.stop_at
+            # Every rank stops at the same step, whichever of them the signal reached.
+            stopping = any_rank(stop.requested) or step == cfg.stop_at
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                data = {"ranks": gather(stream.state_dict())}  # each rank's own position
+                data = {"ranks": gather_objects(stream.state_dict())}  # each rank's own position
                 engine.save(run.checkpoints, step, {"step": step, "data": data}, cfg.keep_last)
                 log.info(f"saved checkpoint at step {step} in {run.checkpoints}")
             if stopping:

@@ -7,7 +7,7 @@ import pytest
 from eoforge.launch.config import ConfigError, load_config
 from eoforge.pretrain.config import CONFIG_DIR, PretrainConfig, find_config
 from eoforge.pretrain.objectives import validate_objective
-from eoforge.pretrain.train import lr_at, step_seed
+from eoforge.pretrain.schedule import lr_at, step_seed
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
