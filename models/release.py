@@ -35,6 +35,7 @@ REQUIRED_CARD_KEYS = (
     "architecture",
     "bands",
     "normalisation",
+    "gsd",
     "objective",
     "data",
     "steps",
@@ -95,6 +96,7 @@ def save_release(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "licence": "CC-BY-4.0",
         **card,
+        "gsd": card.get("gsd") or finest_gsd(card.get("bands", ())),
         "architecture": {"name": architecture, "kwargs": dict(kwargs)},
         "eoforge_version": eoforge_version(),
         "weights_sha256": sha256_of(tmp / WEIGHTS),
@@ -110,10 +112,29 @@ def save_release(
     return out
 
 
+def finest_gsd(bands: Sequence[Mapping]) -> dict[str, float]:
+    """{sensor: its finest band GSD in metres} over the band rows that give one."""
+    gsd: dict[str, float] = {}
+    for band in bands:
+        if band.get("gsd"):
+            gsd[band["sensor"]] = min(gsd.get(band["sensor"], band["gsd"]), band["gsd"])
+    return gsd
+
+
 def render_model_card(card: Mapping) -> str:
-    """The human-readable README.md of a release."""
+    """The human-readable README.md of a release, with the YAML front matter model hubs read
+    (licence, library, tags), so the folder uploads as it is."""
     arch = card["architecture"]
+    objective = card["objective"].get("label") or card["objective"].get("name", "pretrained")
+    sensors = sorted({band["sensor"] for band in card["bands"]})
     lines = [
+        "---",
+        f"license: {str(card['licence']).lower()}",
+        "library_name: eoforge",
+        "tags:",
+        *(f"- {tag}" for tag in ("earth-observation", "remote-sensing", objective, *sensors)),
+        "---",
+        "",
         f"# {card.get('name', arch['name'])}",
         "",
         f"eoforge release (schema {card['schema_version']}, eoforge {card['eoforge_version']}): "
@@ -142,6 +163,8 @@ def render_model_card(card: Mapping) -> str:
         )
     data = card["data"]
     lines += [
+        "",
+        f"GSD (finest band per sensor, m): {json.dumps(card['gsd'])}",
         "",
         f"Data: {json.dumps(data)}",
         "",

@@ -10,7 +10,7 @@ from eoforge.launch.config import load_config
 from eoforge.launch.distributed import import_deepspeed
 from eoforge.launch.engine import complete_checkpoints
 from eoforge.launch.rundir import RunDir
-from eoforge.models.release import save_release
+from eoforge.models.release import finest_gsd, save_release
 from eoforge.pretrain.config import PretrainConfig
 from eoforge.pretrain.data import resolve_shard_dirs
 from eoforge.pretrain.objectives import objective_label
@@ -40,7 +40,7 @@ def consolidated_encoder_state(checkpoints: Path) -> tuple[dict, int]:
 def band_card(shard_dirs: list[Path], clip: bool = True) -> tuple[list[dict], dict, dict, dict]:
     """Band table, per-band normalisation (``clip``: whether values were clipped to [p1, p99],
     ``data.clip_percentiles``), GSD per sensor and data summary from shard folders."""
-    bands, normalisation, gsd = {}, {}, {}
+    bands, normalisation = {}, {}
     data = {"shards": [str(d) for d in shard_dirs], "samples": 0, "sensors": {}}
     for folder in shard_dirs:
         index = json.loads((folder / "index.json").read_text())
@@ -50,8 +50,6 @@ def band_card(shard_dirs: list[Path], clip: bool = True) -> tuple[list[dict], di
             data["sensors"][sensor] = data["sensors"].get(sensor, 0) + count
         for row in index["bands"]:
             bands[row["band_id"]] = row
-            if row.get("gsd"):
-                gsd[row["sensor"]] = min(gsd.get(row["sensor"], row["gsd"]), row["gsd"])
         for band_id, s in stats["bands"].items():
             normalisation[band_id] = {
                 "clip": clip,
@@ -63,7 +61,7 @@ def band_card(shard_dirs: list[Path], clip: bool = True) -> tuple[list[dict], di
                 "raw_mean": s["mean"],
                 "raw_std": s["std"],
             }
-    return list(bands.values()), normalisation, gsd, data
+    return list(bands.values()), normalisation, finest_gsd(bands.values()), data
 
 
 def build_release(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -105,3 +105,32 @@ def test_model_card_states_whether_inputs_are_clipped(tmp_path):
         path = save_release(tmp_path / str(clip), model.state_dict(), "vit_test_patch8", {}, card)
         assert wording in (path / "README.md").read_text()
         assert load_release(path).normalisation["S2L2A:B04"]["clip"] is clip
+
+
+def test_verify_names_what_is_wrong(release, tmp_path):
+    path = release[0]
+    card = json.loads((path / "card.json").read_text())
+    assert card["schema_version"] == 1 and card["eoforge_version"]
+    assert card["gsd"] == {} and len(card["weights_sha256"]) == 64
+    readme = (path / "README.md").read_text()
+    # Model-hub front matter: the folder uploads as it is.
+    assert readme.startswith("---\nlicense: cc-by-4.0\nlibrary_name: eoforge\ntags:\n")
+    assert "- mae\n- S1GRD\n- S2L2A\n---" in readme
+
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(
+        ReleaseError, match="model.safetensors has sha256 .* the weights were changed"
+    ):
+        load_release(path)
+    card["schema_version"] = 99
+    (path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ReleaseError, match="schema 99; this eoforge reads up to 1"):
+        load_release(path)
+    del card["bands"]
+    (path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ReleaseError, match=r"lacks keys \['bands'\]"):
+        load_release(path)
+    (path / "README.md").unlink()
+    with pytest.raises(ReleaseError, match="lacks README.md"):
+        load_release(path)
