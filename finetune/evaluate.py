@@ -1,4 +1,5 @@
-"""Evaluation protocols over a release: ``run_linear`` scores a linear probe on frozen features.
+"""Evaluation protocols over a release: ``run_linear`` (a linear probe) and ``run_knn`` (weighted
+kNN) score its frozen features.
 
 Datasets are named ``NAME:ROOT`` (``indian_pines:/data/indian_pines_aviris``); ``DATASETS`` maps
 each name to its adapter, which returns a ``PixelSplit``-like object (normalised ``x_train``/
@@ -17,8 +18,10 @@ import torch
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.indian_pines import load_indian_pines
 from eoforge.finetune.features import extract_features
+from eoforge.finetune.knn import knn_probe
 from eoforge.finetune.linear import linear_probe
 from eoforge.models import load_release
+from eoforge.models.release import Release
 
 DATASETS: Mapping[str, Callable] = MappingProxyType({"indian_pines": load_indian_pines})
 
@@ -35,46 +38,41 @@ def parse_dataset(dataset: str) -> tuple[Callable, str, str]:
     return DATASETS[name], name, root
 
 
-def run_linear(
-    release: str | Path,
-    dataset: str,
-    *,
-    seed: int = 0,
-    window: int = 16,
-    batch_size: int = 256,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    progress: bool = True,
-    out: str | Path | None = None,
-) -> dict:
-    """Linear probe of a release's frozen encoder on a dataset.
-
-    The release is loaded with the dataset's own bands, passed as ``{band_id, wavelength}``
-    so bands it never saw are embedded through its spectral ranges (with a warning) rather
-    than refused. Inputs are normalised with the dataset's train-split statistics.
-
-    Args:
-        release: release folder.
-        dataset: ``"NAME:ROOT"``, NAME one of ``DATASETS``.
-        seed: seeds the split, the caps and the probe.
-        window: side of the image cut per sample; a multiple of the encoder's patch size.
-        batch_size: images per forward pass of the encoder.
-        max_train, max_test: caps on the samples per split (seeded, class-stratified).
-        progress: show progress bars and print the result.
-        out: if given, the result is also written there as JSON.
-
-    Returns:
-        {protocol, dataset, release, accuracy, majority_baseline, test_majority_share, best_lr,
-        best_weight_decay, val_accuracy, per_class_accuracy, n_train, n_test, n_classes, seed,
-        split_hash, band_policy, normalisation, window, features}.
-    """
-    adapter, name, root = parse_dataset(dataset)
-    data = adapter(root, seed=seed, window=window, max_train=max_train, max_test=max_test)
+def dataset_release(release: str | Path, data) -> Release:
+    """The release loaded with the dataset's own bands, passed as ``{band_id, wavelength}`` so
+    bands it never saw are embedded through its spectral ranges (with a warning) rather than
+    refused."""
     bands = [
         {"band_id": band_id, "wavelength": float(wl)}
         for band_id, wl in zip(data.band_ids, data.wavelengths, strict=True)
     ]
-    loaded = load_release(release, bands=bands)
+    return load_release(release, bands=bands)
+
+
+def band_policy(band_ids: list[str], card: dict) -> str:
+    """How a result row treated the dataset's bands, for the tables."""
+    seen = {band["band_id"] for band in card["bands"]}
+    unseen = sum(band_id not in seen for band_id in band_ids)
+    if unseen:
+        return f"interpolated: {unseen} of {len(band_ids)} bands unseen in pretraining"
+    return f"native: all {len(band_ids)} bands seen in pretraining"
+
+
+def frozen_features(
+    release: str | Path,
+    dataset: str,
+    *,
+    seed: int,
+    window: int,
+    batch_size: int,
+    max_train: int | None,
+    max_test: int | None,
+    progress: bool,
+) -> tuple[object, Release, dict[str, torch.Tensor]]:
+    """(the dataset split, the release, {"train", "test": features [N, 2D]}) of a frozen probe."""
+    adapter, name, root = parse_dataset(dataset)
+    data = adapter(root, seed=seed, window=window, max_train=max_train, max_test=max_test)
+    loaded = dataset_release(release, data)
     patch = loaded.encoder.patch_size
     if window % patch:
         raise DataError(
@@ -93,6 +91,45 @@ def run_linear(
         )
         for split, x in (("train", data.x_train), ("test", data.x_test))
     }
+    return data, loaded, features
+
+
+def run_linear(
+    release: str | Path,
+    dataset: str,
+    *,
+    seed: int = 0,
+    window: int = 16,
+    batch_size: int = 256,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    progress: bool = True,
+    out: str | Path | None = None,
+) -> dict:
+    """Linear probe of a release's frozen encoder on a dataset: a grid of learning rates and
+    weight decays trained in one pass, selected on a held-out share of train.
+
+    Inputs are normalised with the dataset's train-split statistics.
+
+    Args:
+        release: release folder.
+        dataset: ``"NAME:ROOT"``, NAME one of ``DATASETS``.
+        seed: seeds the split, the caps and the probe.
+        window: side of the image cut per sample; a multiple of the encoder's patch size.
+        batch_size: images per forward pass of the encoder.
+        max_train, max_test: caps on the samples per split (seeded, class-stratified).
+        progress: show progress bars and print the result.
+        out: if given, the result is also written there as JSON.
+
+    Returns:
+        {protocol, dataset, release, accuracy, majority_baseline, test_majority_share, best_lr,
+        best_weight_decay, val_accuracy, per_class_accuracy, n_train, n_test, n_classes, seed,
+        split_hash, band_policy, normalisation, window, features}.
+    """
+    data, loaded, features = frozen_features(
+        release, dataset, seed=seed, window=window, batch_size=batch_size,
+        max_train=max_train, max_test=max_test, progress=progress,
+    )  # fmt: skip
     probe = linear_probe(
         features["train"],
         torch.from_numpy(data.y_train),
@@ -102,12 +139,8 @@ def run_linear(
         seed=seed,
         progress=progress,
     )
-    seen = {band["band_id"] for band in loaded.card["bands"]}
-    unseen = sum(band_id not in seen for band_id in data.band_ids)
     result = {
         "protocol": "linear",
-        "dataset": dataset,
-        "release": str(release),
         "accuracy": probe.accuracy,
         "majority_baseline": probe.majority_baseline,
         "test_majority_share": probe.test_majority_share,
@@ -117,16 +150,68 @@ def run_linear(
         "per_class_accuracy": {
             data.class_names[c]: acc for c, acc in sorted(probe.per_class_accuracy.items())
         },
+    }
+    return _report(result, release, dataset, data, loaded, seed, window, out, progress)
+
+
+def run_knn(
+    release: str | Path,
+    dataset: str,
+    *,
+    seed: int = 0,
+    window: int = 16,
+    k: int | None = None,
+    batch_size: int = 256,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    progress: bool = True,
+    out: str | Path | None = None,
+) -> dict:
+    """Weighted kNN of a release's frozen features (``knn.knn_probe``: cosine, k = min(20, train
+    size), votes weighted by exp(similarity / 0.07)); arguments as ``run_linear``'s, plus ``k``.
+
+    Returns:
+        {protocol, accuracy, balanced_accuracy, majority_baseline, test_majority_share, k,
+        temperature, per_class_accuracy} and the provenance fields of ``run_linear``.
+    """
+    data, loaded, features = frozen_features(
+        release, dataset, seed=seed, window=window, batch_size=batch_size,
+        max_train=max_train, max_test=max_test, progress=progress,
+    )  # fmt: skip
+    probe = knn_probe(
+        features["train"],
+        torch.as_tensor(data.y_train),
+        features["test"],
+        torch.as_tensor(data.y_test),
+        k=k,
+        n_classes=len(data.class_names),
+    )
+    result = {
+        "protocol": "knn",
+        "accuracy": probe.accuracy,
+        "balanced_accuracy": probe.balanced_accuracy,
+        "majority_baseline": probe.majority_baseline,
+        "test_majority_share": probe.test_majority_share,
+        "k": probe.k,
+        "temperature": probe.temperature,
+        "per_class_accuracy": {
+            data.class_names[c]: acc for c, acc in sorted(probe.per_class_accuracy.items())
+        },
+    }
+    return _report(result, release, dataset, data, loaded, seed, window, out, progress)
+
+
+def _report(result, release, dataset, data, loaded, seed, window, out, progress) -> dict:
+    """A probe's result with its provenance, written to ``out`` and printed as asked."""
+    result = result | {
+        "dataset": dataset,
+        "release": str(release),
         "n_train": len(data.y_train),
         "n_test": len(data.y_test),
         "n_classes": len(data.class_names),
         "seed": seed,
         "split_hash": data.split_hash,
-        "band_policy": (
-            f"interpolated: {unseen} unseen bands of {len(data.band_ids)}"
-            if unseen
-            else f"native: all {len(data.band_ids)} bands seen in pretraining"
-        ),
+        "band_policy": band_policy(data.band_ids, loaded.card),
         "normalisation": "train-split statistics (clip p1/p99, scale to [0, 1], z-score)",
         "window": window,
         "features": "concat(cls, mean of patch tokens)",

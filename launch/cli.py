@@ -39,6 +39,11 @@ The script is written to RUN_DIR/launch.sbatch; sbatch it again to resume by han
   eoforge release build runs/demo                   # writes runs/demo/release
   eoforge release build runs/mae releases/mae-vit-b""",
     "release verify": "example:\n  eoforge release verify runs/demo/release",
+    "eval knn": """example:
+  eoforge eval knn --release runs/demo/release --dataset indian_pines:../shared/data/indian_pines_aviris k=20""",
+    "bench run": """example:
+  eoforge bench run suite.yaml --release runs/demo/release --out bench/pines
+Run it again to continue a run that stopped: finished cells are skipped.""",
     "eval linear": """example:
   eoforge eval linear --release runs/demo/release --dataset indian_pines:../shared/data/indian_pines_aviris seed=1""",
 }
@@ -238,6 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="key=value options: seed, window, batch_size, max_train, max_test",
     )
+    knn = _command(evaluate, "eval", "knn", "weighted kNN on frozen features", _eval_knn)
+    knn.add_argument("--release", required=True, help="release folder")
+    knn.add_argument(
+        "--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines"
+    )
+    knn.add_argument("--out", help="write the result as JSON here")
+    knn.add_argument(
+        "options",
+        nargs="*",
+        help="key=value options: seed, window, k, batch_size, max_train, max_test",
+    )
+
+    bench = _group(verbs, "bench", "run a benchmark suite over a release; compare results")
+    brun = _command(
+        bench,
+        "bench",
+        "run",
+        "datasets x protocols x encoders x seeds; resumes where it stopped",
+        _bench_run,
+    )
+    brun.add_argument("suite", help="suite YAML")
+    brun.add_argument("--release", required=True, help="release folder")
+    brun.add_argument("--out", help="results folder (default: bench/<suite name>)")
+    bcompare = _command(
+        bench, "bench", "compare", "side-by-side table of two results", _bench_compare
+    )
+    bcompare.add_argument("a", help="results.json")
+    bcompare.add_argument("b", help="results.json")
     return parser
 
 
@@ -491,6 +524,32 @@ def _release_verify(args) -> int:
         f"{args.release}: ok ({len(card['bands'])} bands, {card['steps']} steps, "
         f"sha256 {card['weights_sha256'][:12]}...)"
     )
+    return 0
+
+
+def _eval_knn(args) -> int:
+    from eoforge.finetune.evaluate import run_knn
+
+    options = dict(_parse_option(item) for item in args.options)
+    run_knn(args.release, args.dataset, out=args.out, **options)
+    return 0
+
+
+def _bench_run(args) -> int:
+    from eoforge.finetune.bench import load_suite, run_suite
+
+    suite = load_suite(args.suite)
+    out = Path(args.out or Path("bench") / suite.name)
+    results = run_suite(suite, args.release, out)
+    print((out / "results.md").read_text(), end="")
+    print(f"{len(results['cells'])} cells; results in {out}/results.{{json,csv,md,png}}")
+    return 0
+
+
+def _bench_compare(args) -> int:
+    from eoforge.finetune.bench import compare
+
+    print(compare(args.a, args.b), end="")
     return 0
 
 

@@ -153,7 +153,7 @@ def test_run_linear_on_indian_pines(sample_data, release, tmp_path):
     assert RESULT_KEYS <= set(result)
     assert json.loads(out.read_text()) == result
     assert result["n_train"] == 1000 and result["n_test"] == 500 and result["n_classes"] == 16
-    assert result["band_policy"] == "interpolated: 200 unseen bands of 200"
+    assert result["band_policy"] == "interpolated: 200 of 200 bands unseen in pretraining"
     expected = load_indian_pines(root, seed=0, max_train=1000, max_test=500)
     assert result["split_hash"] == expected.split_hash
     # Random spectral projections of the spectra carry class information a probe can use.

@@ -1,0 +1,342 @@
+"""The benchmark harness: datasets x protocols x encoders x seeds, resumable, with mean and 95%
+confidence interval over seeds for every row.
+
+A suite (YAML)::
+
+    name: pines
+    seeds: [0, 1, 2]                 # at least 3: a row's interval needs a spread
+    datasets:
+      - {name: indian_pines, root: ../shared/data/indian_pines_aviris,
+         options: {window: 8, max_train: 600, max_test: 600}}
+    protocols: [linear, knn]
+    encoders: [release, random_init]  # the release, and its architecture with random weights
+
+Every (dataset, seed) split is cut once, its features extracted once per encoder and shared by
+the protocols. Each finished cell is appended to ``cells.jsonl`` in the output folder at once,
+so a run that stops is continued by running it again: finished cells are skipped. The output
+folder then gets ``results.json`` (suite, release, every cell, the summary rows),
+``results.csv``, ``results.md`` and ``results.png``; every row names its band-handling policy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from eoforge.datasets.errors import DataError
+from eoforge.finetune.evaluate import band_policy, dataset_release, parse_dataset
+from eoforge.finetune.features import extract_features
+from eoforge.finetune.knn import knn_probe
+from eoforge.finetune.linear import linear_probe
+from eoforge.finetune.metrics import mean_ci95
+from eoforge.models import create_model
+
+PROTOCOLS = ("linear", "knn")
+ENCODERS = ("release", "random_init")
+CELLS, RESULTS = "cells.jsonl", "results"
+MIN_SEEDS = 3
+
+
+@dataclass
+class Suite:
+    """A benchmark suite (module docstring)."""
+
+    name: str
+    seeds: list[int]
+    datasets: list[dict]
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    encoders: list[str] = field(default_factory=lambda: list(ENCODERS))
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and check a suite file.
+
+    Raises:
+        DataError: naming the file and the key, protocol, encoder or dataset at fault.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"suite {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    known = set(Suite.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DataError(f"{path}: unknown key(s) {unknown}; a suite has {sorted(known)}")
+    for key in ("name", "seeds", "datasets"):
+        if key not in data:
+            raise DataError(f"{path}: missing key {key!r}")
+    suite = Suite(**data)
+    if len(set(suite.seeds)) < MIN_SEEDS:
+        raise DataError(
+            f"{path}: seeds {suite.seeds}: give at least {MIN_SEEDS} distinct seeds, so that "
+            "every row has a confidence interval"
+        )
+    for kind, names, allowed in (
+        ("protocol", suite.protocols, PROTOCOLS),
+        ("encoder", suite.encoders, ENCODERS),
+    ):
+        for name in names:
+            if name not in allowed:
+                raise DataError(f"{path}: unknown {kind} {name!r}; known: {', '.join(allowed)}")
+    for i, entry in enumerate(suite.datasets):
+        if not isinstance(entry, dict) or not {"name", "root"} <= set(entry):
+            raise DataError(f"{path}: datasets[{i}] needs name and root, got {entry!r}")
+        parse_dataset(f"{entry['name']}:{entry['root']}")  # an unknown name fails here
+    return suite
+
+
+def cell_key(dataset: str, protocol: str, encoder: str, seed: int) -> str:
+    return f"{dataset}|{protocol}|{encoder}|{seed}"
+
+
+def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: bool = True) -> dict:
+    """Run every cell of ``suite`` not yet in ``out/cells.jsonl``, then write the results.
+
+    Args:
+        suite: from ``load_suite``.
+        release: release folder scored (and whose architecture the baselines use).
+        out: output folder (created).
+        progress: a progress bar over the cells.
+
+    Returns:
+        The contents of results.json.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = read_cells(out / CELLS)
+    todo = [
+        (entry, seed, encoder, protocol)
+        for entry, seed, encoder, protocol in product(
+            suite.datasets, suite.seeds, suite.encoders, suite.protocols
+        )
+        if cell_key(entry["name"], protocol, encoder, seed) not in done
+    ]
+    with tqdm(
+        total=len(todo), desc=f"bench {suite.name}", unit="cell", disable=not progress
+    ) as bar:
+        # Cells come grouped by (dataset, seed, encoder): one split and one feature extraction
+        # serve every protocol of the group.
+        group, features = None, None
+        for entry, seed, encoder, protocol in todo:
+            if group != (entry["name"], seed, encoder):
+                group = (entry["name"], seed, encoder)
+                features = encode_split(entry, seed, encoder, release)
+            cell = score(features, protocol) | {
+                "dataset": entry["name"],
+                "protocol": protocol,
+                "encoder": encoder,
+                "seed": seed,
+            }
+            append_cell(out / CELLS, cell)
+            done[cell_key(entry["name"], protocol, encoder, seed)] = cell
+            bar.update()
+    cells = [
+        done[cell_key(e["name"], p, enc, s)]
+        for e, s, enc, p in product(suite.datasets, suite.seeds, suite.encoders, suite.protocols)
+    ]
+    results = {
+        "suite": asdict(suite),
+        "release": str(Path(release).resolve()),
+        "cells": cells,
+        "rows": summarise(cells),
+    }
+    write_results(out, results)
+    return results
+
+
+@dataclass
+class EncodedSplit:
+    """Frozen features of one dataset split under one encoder, with what the rows report."""
+
+    train: torch.Tensor  # [N, D]
+    test: torch.Tensor  # [M, D]
+    y_train: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+    split_hash: str
+    band_policy: str
+
+
+def encode_split(entry: dict, seed: int, encoder: str, release: str | Path) -> EncodedSplit:
+    """Cut the dataset's split for ``seed`` and extract frozen features with ``encoder``: the
+    release, or its architecture initialised at random from ``seed`` (the baseline that shows
+    what pretraining adds)."""
+    adapter, _, root = parse_dataset(f"{entry['name']}:{entry['root']}")
+    data = adapter(root, seed=seed, **entry.get("options", {}))
+    loaded = dataset_release(release, data)
+    model = loaded.encoder
+    if encoder == "random_init":
+        config = json.loads((Path(release) / "config.json").read_text())
+        torch.manual_seed(seed)
+        model = create_model(config["architecture"], **config["kwargs"]).eval()
+    features = [
+        extract_features(model, x, loaded.band_ids, loaded.wavelengths, progress=False)
+        for x in (data.x_train, data.x_test)
+    ]
+    return EncodedSplit(
+        train=features[0],
+        test=features[1],
+        y_train=torch.as_tensor(data.y_train),
+        y_test=torch.as_tensor(data.y_test),
+        n_classes=len(data.class_names),
+        split_hash=data.split_hash,
+        band_policy=band_policy(data.band_ids, loaded.card),
+    )
+
+
+def score(split: EncodedSplit, protocol: str) -> dict:
+    """One protocol on one encoded split: its metrics and provenance."""
+    common = {"split_hash": split.split_hash, "band_policy": split.band_policy}
+    common |= {"n_train": len(split.y_train), "n_test": len(split.y_test)}
+    if protocol == "linear":
+        result = linear_probe(
+            split.train, split.y_train, split.test, split.y_test, n_classes=split.n_classes
+        )
+        return common | {
+            "metrics": {"accuracy": result.accuracy},
+            "details": {"best_lr": result.best_lr, "best_weight_decay": result.best_weight_decay},
+        }
+    result = knn_probe(
+        split.train, split.y_train, split.test, split.y_test, n_classes=split.n_classes
+    )
+    return common | {
+        "metrics": {"accuracy": result.accuracy, "balanced_accuracy": result.balanced_accuracy},
+        "details": {"k": result.k, "temperature": result.temperature},
+    }
+
+
+def summarise(cells: Sequence[dict]) -> list[dict]:
+    """One row per (dataset, protocol, encoder, metric): mean and 95% half-width over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        for metric in cell["metrics"]:
+            key = (cell["dataset"], cell["protocol"], cell["encoder"], metric)
+            groups.setdefault(key, []).append(cell)
+    rows = []
+    for (dataset, protocol, encoder, metric), group in groups.items():
+        mean, half = mean_ci95([c["metrics"][metric] for c in group])
+        rows.append(
+            {
+                "dataset": dataset,
+                "protocol": protocol,
+                "encoder": encoder,
+                "metric": metric,
+                "mean": mean,
+                "ci95": half,
+                "n_seeds": len(group),
+                "seeds": [c["seed"] for c in group],
+                "band_policy": "; ".join(sorted({c["band_policy"] for c in group})),
+            }
+        )
+    return rows
+
+
+def read_cells(path: Path) -> dict[str, dict]:
+    """Finished cells by key; a line cut short by a crash is ignored (its cell runs again)."""
+    cells = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                cell = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            cells[cell_key(cell["dataset"], cell["protocol"], cell["encoder"], cell["seed"])] = cell
+    return cells
+
+
+def append_cell(path: Path, cell: dict) -> None:
+    """Append one cell as a line, synced: after a crash the file holds every finished cell."""
+    # A line cut short by a crash gets its end here, so the new cell starts a line of its own.
+    torn = path.is_file() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(cell) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_results(out: Path, results: dict) -> None:
+    (out / f"{RESULTS}.json").write_text(json.dumps(results, indent=2))
+    fields = ["dataset", "protocol", "encoder", "metric", "mean", "ci95", "n_seeds", "band_policy"]
+    with open(out / f"{RESULTS}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results["rows"])
+    (out / f"{RESULTS}.md").write_text(markdown(results))
+    plot(results["rows"], out / f"{RESULTS}.png", results["suite"]["name"])
+
+
+def markdown(results: dict) -> str:
+    suite = results["suite"]
+    lines = [
+        f"# {suite['name']}: {results['release']}",
+        "",
+        f"Seeds {suite['seeds']}; mean ± half-width of the 95% Student t interval over seeds.",
+        "",
+        "| dataset | protocol | encoder | metric | mean ± 95% CI | seeds | band policy |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['dataset']} | {r['protocol']} | {r['encoder']} | {r['metric']} | "
+            f"{r['mean']:.4f} ± {r['ci95']:.4f} | {r['n_seeds']} | {r['band_policy']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict], path: Path, title: str) -> None:
+    """Bars of each (dataset, protocol, metric) per encoder, with the 95% interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["dataset"], r["protocol"], r["metric"]) for r in rows})
+    encoders = sorted({r["encoder"] for r in rows})
+    width = 0.8 / max(1, len(encoders))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(groups)), 3.6))
+    for j, encoder in enumerate(encoders):
+        by_group = {
+            (r["dataset"], r["protocol"], r["metric"]): r for r in rows if r["encoder"] == encoder
+        }
+        xs = [i + (j - (len(encoders) - 1) / 2) * width for i in range(len(groups))]
+        means = [by_group[g]["mean"] if g in by_group else float("nan") for g in groups]
+        errors = [by_group[g]["ci95"] if g in by_group else 0.0 for g in groups]
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=encoder)
+    ax.set_xticks(range(len(groups)), [f"{d}\n{p} {m}" for d, p, m in groups], fontsize=8)
+    ax.set_ylabel("score (mean ± 95% CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(a: str | Path, b: str | Path) -> str:
+    """A side-by-side Markdown table of two results.json files, row by row."""
+    rows = {}
+    for side, path in (("a", a), ("b", b)):
+        for r in json.loads(Path(path).read_text())["rows"]:
+            key = (r["dataset"], r["protocol"], r["encoder"], r["metric"])
+            rows.setdefault(key, {})[side] = r
+    lines = [
+        f"| dataset | protocol | encoder | metric | A: {a} | B: {b} | B - A |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for (dataset, protocol, encoder, metric), pair in sorted(rows.items()):
+        cells = [
+            f"{pair[s]['mean']:.4f} ± {pair[s]['ci95']:.4f}" if s in pair else "-" for s in "ab"
+        ]
+        delta = f"{pair['b']['mean'] - pair['a']['mean']:+.4f}" if len(pair) == 2 else "-"
+        lines.append(
+            f"| {dataset} | {protocol} | {encoder} | {metric} | {cells[0]} | {cells[1]} | {delta} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,153 @@
+"""The benchmark harness on real Indian Pines: cells over datasets x protocols x encoders x seeds,
+resumed where a run stopped, tables with 95% intervals, a plot, and the compare table; kNN through
+the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import warnings
+
+import pytest
+import torch
+
+from eoforge.datasets.sensors import band_table, get_sensor
+from eoforge.finetune import bench
+from eoforge.launch.cli import main
+from eoforge.models import create_model, save_release
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A random-weight S2 release: Indian Pines' AVIRIS bands are unseen by it."""
+    torch.manual_seed(0)
+    encoder = create_model("vit_test_patch8")
+    bands = band_table(get_sensor("S2L2A").bands)
+    card = {
+        "bands": bands,
+        "normalisation": {b["band_id"]: {"p1": 0, "p99": 1, "mean": 0, "std": 1} for b in bands},
+        "objective": {"name": "mae"},
+        "data": {},
+        "steps": 0,
+    }
+    out = tmp_path_factory.mktemp("release") / "random_s2"
+    return save_release(out, encoder.state_dict(), "vit_test_patch8", {}, card)
+
+
+@pytest.fixture
+def suite_file(sample_data, tmp_path):
+    path = tmp_path / "pines.yaml"
+    path.write_text(
+        "name: pines\n"
+        "seeds: [0, 1, 2]\n"
+        "datasets:\n"
+        f"  - {{name: indian_pines, root: {sample_data / 'indian_pines_aviris'},\n"
+        "     options: {window: 8, max_train: 96, max_test: 64}}\n"
+        "protocols: [linear, knn]\n"
+        "encoders: [release, random_init]\n"
+    )
+    return path
+
+
+def run(suite_file, release, out):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AVIRIS bands unseen by the S2 release, on every load
+        return bench.run_suite(bench.load_suite(suite_file), release, out, progress=False)
+
+
+def test_suite_runs_every_cell_and_writes_the_tables(suite_file, release, tmp_path):
+    out = tmp_path / "out"
+    results = run(suite_file, release, out)
+    assert len(results["cells"]) == 1 * 3 * 2 * 2
+    rows = {(r["protocol"], r["encoder"], r["metric"]): r for r in results["rows"]}
+    assert set(rows) == {
+        (p, e, m)
+        for e in ("release", "random_init")
+        for p, m in (("linear", "accuracy"), ("knn", "accuracy"), ("knn", "balanced_accuracy"))
+    }
+    for row in rows.values():
+        assert row["n_seeds"] == 3 and row["seeds"] == [0, 1, 2]
+        assert 0.0 <= row["mean"] <= 1.0 and 0.0 <= row["ci95"] < 1.0
+        assert row["band_policy"] == "interpolated: 200 of 200 bands unseen in pretraining"
+    # The three seeds cut three different splits, so the interval has a spread to measure.
+    hashes = {c["split_hash"] for c in results["cells"]}
+    assert len(hashes) == 3
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    table = (out / "results.md").read_text()
+    body = [line for line in table.splitlines() if line.startswith("| indian_pines |")]
+    assert len(body) == len(rows) and all(" ± " in line for line in body)
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stopped_run_continues_with_the_missing_cells_only(
+    suite_file, release, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    first = run(suite_file, release, out)
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    # A run killed while writing its last cell: that line is cut short.
+    (out / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    encoded = []
+    real = bench.encode_split
+    monkeypatch.setattr(
+        bench, "encode_split", lambda *a: encoded.append((a[0]["name"], *a[1:3])) or real(*a)
+    )
+    second = run(suite_file, release, out)
+    last = json.loads(lines[-1])
+    assert encoded == [("indian_pines", last["seed"], last["encoder"])]
+    assert second["rows"] == first["rows"]  # the cell ran again with the same seed
+    encoded.clear()
+    run(suite_file, release, out)
+    assert encoded == []  # everything finished: nothing runs
+
+
+def test_suite_errors_name_the_key(tmp_path, sample_data):
+    root = sample_data / "indian_pines_aviris"
+    cases = {
+        "seeds: [0, 1]": "at least 3 distinct seeds",
+        "seeds: [0, 1, 2]\nprotocols: [linear, segmentation]": "unknown protocol 'segmentation'",
+        "seeds: [0, 1, 2]\nencoders: [scratch]": "unknown encoder 'scratch'",
+        "seeds: [0, 1, 2]\nmetric: accuracy": "unknown key(s) ['metric']",
+    }
+    for body, message in cases.items():
+        path = tmp_path / "s.yaml"
+        path.write_text(f"name: x\n{body}\ndatasets: [{{name: indian_pines, root: {root}}}]\n")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bench.load_suite(path)
+    path.write_text("name: x\nseeds: [0, 1, 2]\ndatasets: [{name: pines, root: /d}]\n")
+    with pytest.raises(ValueError, match="unknown dataset 'pines'"):
+        bench.load_suite(path)
+
+
+def test_compare_puts_two_results_side_by_side(suite_file, release, tmp_path, capsys):
+    run(suite_file, release, tmp_path / "a")
+    b = json.loads((tmp_path / "a" / "results.json").read_text())
+    for row in b["rows"]:
+        row["mean"] += 0.125
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert (
+        main(["bench", "compare", str(tmp_path / "a" / "results.json"), str(tmp_path / "b.json")])
+        == 0
+    )
+    table = capsys.readouterr().out.splitlines()
+    assert "B - A" in table[0] and len(table) == 2 + len(b["rows"])
+    assert all(line.endswith("| +0.1250 |") for line in table[2:])
+
+
+def test_eval_knn_from_the_cli(sample_data, release, tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    dataset = f"indian_pines:{sample_data / 'indian_pines_aviris'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([
+            "eval", "knn", "--release", str(release), "--dataset", dataset, "--out", str(out),
+            "window=8", "max_train=200", "max_test=100", "k=5",
+        ])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "knn" and result["k"] == 5 and result["n_train"] == 200
+    # Random projections of the spectra keep neighbourhoods: kNN beats the majority class.
+    assert result["accuracy"] > result["majority_baseline"]
