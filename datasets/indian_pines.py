@@ -30,9 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from eoforge.datasets.errors import DataError
+from eoforge.datasets.labelled import (
+    TEST,
+    TRAIN,
+    Windows,
+    blocked_split,
+    normalise,
+    stratified_subset,
+    train_stats,
+)
 from eoforge.datasets.sensors import get_sensor
 
 IMAGE_FILE = "Indian_pines_corrected.npy"
@@ -56,46 +64,6 @@ CLASS_NAMES = (
     "Buildings-Grass-Trees-Drives",
     "Stone-Steel-Towers",
 )
-TRAIN, TEST = 0, 1
-SPLIT_DRAWS = 64
-
-
-class Windows:
-    """Array-like ``[N, C, w, w]`` float32 neighbourhoods cut on access.
-
-    The whole scene at window 16 would take about 2 GB as float32 windows; this keeps only the
-    padded normalised cube and the pixel coordinates, and cuts windows for the indices asked.
-
-    Args:
-        padded: normalised cube [H + w - 1, W + w - 1, C] float32, reflect-padded.
-        pixels: [N, 2] (row, col) scene coordinates of the window centres.
-        window: window side in pixels.
-    """
-
-    def __init__(self, padded: np.ndarray, pixels: np.ndarray, window: int):
-        self.pixels = pixels
-        self.window = window
-        self._views = sliding_window_view(padded, (window, window), axis=(0, 1))  # [H, W, C, w, w]
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.pixels), self._views.shape[2], self.window, self.window)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._views.dtype
-
-    def __len__(self) -> int:
-        return len(self.pixels)
-
-    def __getitem__(self, key) -> np.ndarray:
-        """Windows for an int ([C, w, w]), a slice or an index array ([n, C, w, w])."""
-        rows, cols = self.pixels[key].T
-        return np.ascontiguousarray(self._views[rows, cols])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
 
 @dataclass
@@ -129,6 +97,11 @@ class PixelSplit:
     stats: dict[str, dict[str, float]]
     window: int
     block_size: int
+
+    @property
+    def task(self) -> str:
+        """Always ``"classification"``: the ``LabelledSplit`` field this split stands in for."""
+        return "classification"
 
 
 def load_indian_pines(
@@ -166,10 +139,10 @@ def load_indian_pines(
         labels, window, block_size, train_fraction, np.random.default_rng(seed), Path(root)
     )
     band_ids = [band.band_id for band in sensor.bands]
-    stats = _train_stats(image[split_map == TRAIN], band_ids, Path(root) / IMAGE_FILE)
+    stats = train_stats(image[split_map == TRAIN], band_ids, Path(root) / IMAGE_FILE)
     before, after = window // 2, window - 1 - window // 2
     padded = np.pad(
-        _normalise(image, stats, band_ids),
+        normalise(image, stats, band_ids),
         ((before, after), (before, after), (0, 0)),
         mode="reflect",
     )  # [H + w - 1, W + w - 1, C]
@@ -178,7 +151,7 @@ def load_indian_pines(
         coords = np.argwhere(keep & (split_map == split))  # [N, 2] in scene (row-major) order
         # One rng per split, so capping train never changes which test samples are kept.
         subset_rng = np.random.default_rng((seed, 1 + split))
-        pixels[split] = coords[_stratified_subset(labels[tuple(coords.T)], cap, subset_rng)]
+        pixels[split] = coords[stratified_subset(labels[tuple(coords.T)], cap, subset_rng)]
     y = {s: labels[p[:, 0], p[:, 1]].astype(np.int64) - 1 for s, p in pixels.items()}
     return PixelSplit(
         x_train=Windows(padded, pixels[TRAIN], window),
@@ -247,104 +220,4 @@ def _blocked_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Block assignment [H, W] int8 (the best of ``SPLIT_DRAWS`` draws) and the mask [H, W] of
     labelled pixels whose window stays inside blocks of their own split."""
-    height, width = labels.shape
-    grid = max(1, height // block_size), max(1, width // block_size)
-    block_rows = np.minimum(np.arange(height) // block_size, grid[0] - 1)
-    block_cols = np.minimum(np.arange(width) // block_size, grid[1] - 1)
-    n_blocks = grid[0] * grid[1]
-    n_train = min(max(round(train_fraction * n_blocks), 1), n_blocks - 1)
-    best, best_distance = None, np.inf
-    for _ in range(SPLIT_DRAWS):
-        assign = np.full(n_blocks, TEST, dtype=np.int8)
-        assign[rng.permutation(n_blocks)[:n_train]] = TRAIN
-        split_map = assign.reshape(grid)[block_rows[:, None], block_cols[None, :]]  # [H, W]
-        keep = _pure_windows(split_map, window) & (labels > 0)
-        train, test = labels[keep & (split_map == TRAIN)], labels[keep & (split_map == TEST)]
-        if not (train.size and test.size):
-            continue
-        # Fields of one class are few and large, so a plain random draw often leaves a class on
-        # one side only; keep the draw whose class mixes differ least (total variation).
-        distance = 0.5 * np.abs(_class_shares(train) - _class_shares(test)).sum()
-        if distance < best_distance:
-            best, best_distance = (split_map, keep), distance
-    if best is None:
-        raise DataError(
-            f"{root / LABEL_FILE}: no draw of {n_blocks} blocks of {block_size} px left labelled "
-            f"{window}x{window} windows in both splits; use a smaller window or larger blocks"
-        )
-    return best
-
-
-def _pure_windows(split_map: np.ndarray, window: int) -> np.ndarray:
-    """[H, W] bool: the window around the pixel reads only pixels of one split.
-
-    The split map is padded exactly like the cube, so the window's cells name the split of
-    every scene pixel it reads, reflections included; an integral image counts the train cells.
-    """
-    before, after = window // 2, window - 1 - window // 2
-    padded = np.pad(
-        (split_map == TRAIN).astype(np.int32), ((before, after), (before, after)), mode="reflect"
-    )  # [H + w - 1, W + w - 1]
-    integral = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    n_train = (
-        integral[window:, window:]
-        - integral[:-window, window:]
-        - integral[window:, :-window]
-        + integral[:-window, :-window]
-    )  # [H, W]
-    return (n_train == 0) | (n_train == window * window)
-
-
-def _class_shares(labels: np.ndarray) -> np.ndarray:
-    """Share of each label 0..len(CLASS_NAMES) among ``labels``."""
-    return np.bincount(labels, minlength=len(CLASS_NAMES) + 1) / labels.size
-
-
-def _train_stats(
-    pixels: np.ndarray, band_ids: list[str], path: Path
-) -> dict[str, dict[str, float]]:
-    """Per-band p1/p99 and mean/std of the clipped, [0, 1]-scaled values of pixels [N, C]."""
-    values = pixels.astype(np.float64)
-    p1, p99 = np.percentile(values, [1, 99], axis=0)  # [C] each
-    flat = np.flatnonzero(p99 <= p1)
-    if flat.size:
-        raise DataError(
-            f"{path}: band {band_ids[flat[0]]} is constant over the training blocks "
-            f"(p1 = p99 = {p1[flat[0]]}); drop it or use another seed or block size"
-        )
-    scaled = (np.clip(values, p1, p99) - p1) / (p99 - p1)
-    mean, std = scaled.mean(axis=0), scaled.std(axis=0)
-    return {
-        band: {
-            "p1": float(p1[c]),
-            "p99": float(p99[c]),
-            "mean": float(mean[c]),
-            "std": float(std[c]),
-        }
-        for c, band in enumerate(band_ids)
-    }
-
-
-def _normalise(image: np.ndarray, stats: dict, band_ids: list[str]) -> np.ndarray:
-    """Cube [H, W, C] -> float32 normalised with ``stats`` (clip, scale, z-score)."""
-    p1, p99, mean, std = (
-        np.array([stats[band][key] for band in band_ids]) for key in ("p1", "p99", "mean", "std")
-    )
-    scaled = (np.clip(image.astype(np.float64), p1, p99) - p1) / (p99 - p1)
-    return ((scaled - mean) / std).astype(np.float32)
-
-
-def _stratified_subset(labels: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of a seeded subsample of size ``cap`` keeping class proportions."""
-    if cap is None or cap >= len(labels):
-        return np.arange(len(labels))
-    if cap < 1:
-        raise ValueError(f"max_train/max_test must be >= 1, got {cap}")
-    order = rng.permutation(len(labels))
-    # Rank each sample within its class in random order; (rank + 0.5) / class size spreads every
-    # class evenly over [0, 1], so the ``cap`` smallest keys take each class in proportion.
-    key = np.empty(len(labels))
-    for label in np.unique(labels):
-        members = order[labels[order] == label]
-        key[members] = (np.arange(len(members)) + 0.5) / len(members)
-    return np.sort(np.argsort(key, kind="stable")[:cap])
+    return blocked_split(labels, window, block_size, train_fraction, rng, root / LABEL_FILE)

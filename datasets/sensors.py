@@ -236,6 +236,72 @@ def _landsat89() -> Sensor:
     )
 
 
+def _landsat_tm_etm(
+    name: str, table: Sequence[tuple], aliases: tuple[str, ...], source: str
+) -> Sensor:
+    # Rows (band, band-pass start, end in um, GSD, kind): centre = middle of the pass, bandwidth
+    # = its width, as the handbooks publish passes rather than response centroids.
+    bands = tuple(
+        Band(
+            n,
+            name,
+            round((lo + hi) * 500.0, 3),
+            round((hi - lo) * 1000.0, 3),
+            gsd,
+            kind=kind,
+            aliases=(f"B0{n[1:]}",),
+        )
+        for n, lo, hi, gsd, kind in table
+    )
+    return Sensor(
+        name=name,
+        family="optical",
+        bands=bands,
+        units="DN (Level-1)",
+        nodata=0,
+        aux=("BQA", "QA_PIXEL", "MTL"),
+        aliases=aliases,
+        source=source,
+    )
+
+
+def _landsat5_tm() -> Sensor:
+    table = [
+        ("B1", 0.45, 0.52, 30.0, "optical"),
+        ("B2", 0.52, 0.60, 30.0, "optical"),
+        ("B3", 0.63, 0.69, 30.0, "optical"),
+        ("B4", 0.76, 0.90, 30.0, "optical"),
+        ("B5", 1.55, 1.75, 30.0, "optical"),
+        ("B6", 10.40, 12.50, 120.0, "thermal"),
+        ("B7", 2.08, 2.35, 30.0, "optical"),
+    ]
+    return _landsat_tm_etm(
+        "LANDSAT5TM",
+        table,
+        ("landsat5", "landsat4", "L5", "LT05", "TM"),
+        "USGS Landsat 4-5 Thematic Mapper (TM) Level-1 Data Format Control Book: band passes",
+    )
+
+
+def _landsat7_etm() -> Sensor:
+    table = [
+        ("B1", 0.45, 0.515, 30.0, "optical"),
+        ("B2", 0.525, 0.605, 30.0, "optical"),
+        ("B3", 0.63, 0.69, 30.0, "optical"),
+        ("B4", 0.775, 0.90, 30.0, "optical"),
+        ("B5", 1.55, 1.75, 30.0, "optical"),
+        ("B6", 10.40, 12.50, 60.0, "thermal"),
+        ("B7", 2.09, 2.35, 30.0, "optical"),
+        ("B8", 0.52, 0.90, 15.0, "optical"),
+    ]
+    return _landsat_tm_etm(
+        "LANDSAT7ETM",
+        table,
+        ("landsat7", "L7", "LE07", "ETM+", "ETM"),
+        "USGS Landsat 7 (L7) Data Users Handbook: ETM+ band passes",
+    )
+
+
 def _numbered(sensor: str, rows: Sequence[tuple[float, float]], gsd: float) -> tuple[Band, ...]:
     return tuple(
         Band(f"B{i + 1:03d}", sensor, wl, fwhm, gsd, aliases=(f"B{i + 1}", str(i + 1)))
@@ -293,6 +359,8 @@ def _build_registry() -> dict[str, Sensor]:
         _sentinel2("L2A"),
         _sentinel1(),
         _landsat89(),
+        _landsat5_tm(),
+        _landsat7_etm(),
         _enmap(),
         _aviris_indian_pines(),
         _rgb(),
