@@ -33,7 +33,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from eoforge.datasets.errors import DataError
-from eoforge.finetune.evaluate import band_policy, dataset_release, parse_dataset
+from eoforge.finetune.evaluate import band_policy, dataset_release, load_split, parse_dataset
 from eoforge.finetune.features import extract_features
 from eoforge.finetune.knn import knn_probe
 from eoforge.finetune.linear import linear_probe
@@ -162,6 +162,7 @@ class EncodedSplit:
     y_train: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
+    task: str
     split_hash: str
     band_policy: str
 
@@ -170,8 +171,11 @@ def encode_split(entry: dict, seed: int, encoder: str, release: str | Path) -> E
     """Cut the dataset's split for ``seed`` and extract frozen features with ``encoder``: the
     release, or its architecture initialised at random from ``seed`` (the baseline that shows
     what pretraining adds)."""
-    adapter, _, root = parse_dataset(f"{entry['name']}:{entry['root']}")
-    data = adapter(root, seed=seed, **entry.get("options", {}))
+    data = load_split(f"{entry['name']}:{entry['root']}", seed, **entry.get("options", {}))
+    if data.task not in ("classification", "multilabel"):
+        raise DataError(
+            f"{entry['name']} is a {data.task} dataset; the suite's probes score labels"
+        )
     loaded = dataset_release(release, data)
     model = loaded.encoder
     if encoder == "random_init":
@@ -188,6 +192,7 @@ def encode_split(entry: dict, seed: int, encoder: str, release: str | Path) -> E
         y_train=torch.as_tensor(data.y_train),
         y_test=torch.as_tensor(data.y_test),
         n_classes=len(data.class_names),
+        task=data.task,
         split_hash=data.split_hash,
         band_policy=band_policy(data.band_ids, loaded.card),
     )
@@ -198,6 +203,8 @@ def score(split: EncodedSplit, protocol: str) -> dict:
     common = {"split_hash": split.split_hash, "band_policy": split.band_policy}
     common |= {"n_train": len(split.y_train), "n_test": len(split.y_test)}
     if protocol == "linear":
+        if split.task != "classification":
+            raise DataError(f"linear probe scores single-label classification, not {split.task}")
         result = linear_probe(
             split.train, split.y_train, split.test, split.y_test, n_classes=split.n_classes
         )
@@ -208,36 +215,58 @@ def score(split: EncodedSplit, protocol: str) -> dict:
     result = knn_probe(
         split.train, split.y_train, split.test, split.y_test, n_classes=split.n_classes
     )
+    details = {"k": result.k, "temperature": result.temperature}
+    if split.task == "multilabel":
+        return common | {
+            "metrics": {"map_micro": result.map_micro, "map_macro": result.map_macro},
+            "details": details,
+        }
     return common | {
         "metrics": {"accuracy": result.accuracy, "balanced_accuracy": result.balanced_accuracy},
-        "details": {"k": result.k, "temperature": result.temperature},
+        "details": details,
     }
 
 
 def summarise(cells: Sequence[dict]) -> list[dict]:
-    """One row per (dataset, protocol, encoder, metric): mean and 95% half-width over seeds."""
+    """One row per (dataset, protocol, encoder, metric): mean and 95% half-width over seeds; and
+    for each baseline, the paired difference ``release - baseline`` seed by seed (both were
+    scored on the same split, so the difference's interval is the one that says whether
+    pretraining added anything)."""
     groups: dict[tuple, list[dict]] = {}
     for cell in cells:
         for metric in cell["metrics"]:
             key = (cell["dataset"], cell["protocol"], cell["encoder"], metric)
             groups.setdefault(key, []).append(cell)
-    rows = []
+    rows = [
+        _row(key, [c["metrics"][key[3]] for c in group], group) for key, group in groups.items()
+    ]
     for (dataset, protocol, encoder, metric), group in groups.items():
-        mean, half = mean_ci95([c["metrics"][metric] for c in group])
-        rows.append(
-            {
-                "dataset": dataset,
-                "protocol": protocol,
-                "encoder": encoder,
-                "metric": metric,
-                "mean": mean,
-                "ci95": half,
-                "n_seeds": len(group),
-                "seeds": [c["seed"] for c in group],
-                "band_policy": "; ".join(sorted({c["band_policy"] for c in group})),
-            }
-        )
+        release = groups.get((dataset, protocol, "release", metric))
+        if encoder == "release" or release is None:
+            continue
+        ours = {c["seed"]: c["metrics"][metric] for c in release}
+        paired = [c for c in group if c["seed"] in ours]
+        if paired:
+            differences = [ours[c["seed"]] - c["metrics"][metric] for c in paired]
+            key = (dataset, protocol, f"release - {encoder}", metric)
+            rows.append(_row(key, differences, paired))
     return rows
+
+
+def _row(key: tuple, values: list[float], cells: list[dict]) -> dict:
+    dataset, protocol, encoder, metric = key
+    mean, half = mean_ci95(values)
+    return {
+        "dataset": dataset,
+        "protocol": protocol,
+        "encoder": encoder,
+        "metric": metric,
+        "mean": mean,
+        "ci95": half,
+        "n_seeds": len(values),
+        "seeds": [c["seed"] for c in cells],
+        "band_policy": "; ".join(sorted({c["band_policy"] for c in cells})),
+    }
 
 
 def read_cells(path: Path) -> dict[str, dict]:
@@ -279,7 +308,9 @@ def markdown(results: dict) -> str:
     lines = [
         f"# {suite['name']}: {results['release']}",
         "",
-        f"Seeds {suite['seeds']}; mean ± half-width of the 95% Student t interval over seeds.",
+        f"Seeds {suite['seeds']}; mean ± half-width of the 95% Student t interval over seeds. "
+        "Rows `release - <baseline>` are paired differences on the same splits: pretraining "
+        "added something where their interval excludes 0.",
         "",
         "| dataset | protocol | encoder | metric | mean ± 95% CI | seeds | band policy |",
         "|---|---|---|---|---:|---:|---|",

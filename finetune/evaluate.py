@@ -16,14 +16,14 @@ from types import MappingProxyType
 import torch
 
 from eoforge.datasets.errors import DataError
-from eoforge.datasets.indian_pines import load_indian_pines
+from eoforge.datasets.labelled import EVAL_DATASETS, loader_options
 from eoforge.finetune.features import extract_features
 from eoforge.finetune.knn import knn_probe
 from eoforge.finetune.linear import linear_probe
 from eoforge.models import load_release
 from eoforge.models.release import Release
 
-DATASETS: Mapping[str, Callable] = MappingProxyType({"indian_pines": load_indian_pines})
+DATASETS: Mapping[str, Callable] = MappingProxyType(EVAL_DATASETS)
 
 
 def parse_dataset(dataset: str) -> tuple[Callable, str, str]:
@@ -36,6 +36,25 @@ def parse_dataset(dataset: str) -> tuple[Callable, str, str]:
     if not sep or not root:
         raise DataError(f"dataset {dataset!r} names no folder; write it as '{name}:/path/to/data'")
     return DATASETS[name], name, root
+
+
+def load_split(dataset: str, seed: int, **options):
+    """The split of ``"NAME:ROOT"`` for ``seed`` (passed where the dataset's split is seeded),
+    with the dataset's own ``options``.
+
+    Raises:
+        DataError: naming the options the dataset does not take, and those it does.
+    """
+    adapter, name, root = parse_dataset(dataset)
+    accepted = loader_options(name)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise DataError(
+            f"dataset {name} takes no option(s) {unknown}; its options: {sorted(accepted)}"
+        )
+    if "seed" in accepted:
+        options["seed"] = seed
+    return adapter(root, **options)
 
 
 def dataset_release(release: str | Path, data) -> Release:
@@ -59,25 +78,17 @@ def band_policy(band_ids: list[str], card: dict) -> str:
 
 
 def frozen_features(
-    release: str | Path,
-    dataset: str,
-    *,
-    seed: int,
-    window: int,
-    batch_size: int,
-    max_train: int | None,
-    max_test: int | None,
-    progress: bool,
+    release: str | Path, dataset: str, *, seed: int, batch_size: int, progress: bool, **options
 ) -> tuple[object, Release, dict[str, torch.Tensor]]:
-    """(the dataset split, the release, {"train", "test": features [N, 2D]}) of a frozen probe."""
-    adapter, name, root = parse_dataset(dataset)
-    data = adapter(root, seed=seed, window=window, max_train=max_train, max_test=max_test)
+    """(the dataset split, the release, {"train", "test": features [N, 2D]}) of a frozen probe;
+    ``options`` go to the dataset's loader."""
+    data = load_split(dataset, seed, **options)
     loaded = dataset_release(release, data)
-    patch = loaded.encoder.patch_size
-    if window % patch:
+    patch, size = loaded.encoder.patch_size, data.x_train.shape[-1]
+    if size % patch:
         raise DataError(
-            f"window {window} is not a multiple of the patch size {patch} of release {release}; "
-            f"pick window={max(patch, window // patch * patch)} or another multiple of {patch}"
+            f"{dataset}: images of {size} px are not a multiple of the patch size {patch} of "
+            f"release {release}; choose a window or tile that is"
         )
     features = {
         split: extract_features(
@@ -87,7 +98,7 @@ def frozen_features(
             loaded.wavelengths,
             batch_size=batch_size,
             progress=progress,
-            desc=f"{name} {split} features",
+            desc=f"{dataset.partition(':')[0]} {split} features",
         )
         for split, x in (("train", data.x_train), ("test", data.x_test))
     }
@@ -99,12 +110,10 @@ def run_linear(
     dataset: str,
     *,
     seed: int = 0,
-    window: int = 16,
     batch_size: int = 256,
-    max_train: int | None = None,
-    max_test: int | None = None,
     progress: bool = True,
     out: str | Path | None = None,
+    **options,
 ) -> dict:
     """Linear probe of a release's frozen encoder on a dataset: a grid of learning rates and
     weight decays trained in one pass, selected on a held-out share of train.
@@ -114,12 +123,12 @@ def run_linear(
     Args:
         release: release folder.
         dataset: ``"NAME:ROOT"``, NAME one of ``DATASETS``.
-        seed: seeds the split, the caps and the probe.
-        window: side of the image cut per sample; a multiple of the encoder's patch size.
+        seed: seeds the split (where the dataset's split is seeded), the caps and the probe.
         batch_size: images per forward pass of the encoder.
-        max_train, max_test: caps on the samples per split (seeded, class-stratified).
         progress: show progress bars and print the result.
         out: if given, the result is also written there as JSON.
+        options: the dataset loader's options, e.g. Indian Pines' ``window`` (a multiple of the
+            encoder's patch size), ``max_train``, ``max_test``.
 
     Returns:
         {protocol, dataset, release, accuracy, majority_baseline, test_majority_share, best_lr,
@@ -127,9 +136,13 @@ def run_linear(
         split_hash, band_policy, normalisation, window, features}.
     """
     data, loaded, features = frozen_features(
-        release, dataset, seed=seed, window=window, batch_size=batch_size,
-        max_train=max_train, max_test=max_test, progress=progress,
-    )  # fmt: skip
+        release, dataset, seed=seed, batch_size=batch_size, progress=progress, **options
+    )
+    if data.task != "classification":
+        raise DataError(
+            f"{dataset} is a {data.task} dataset; the linear probe scores single-label "
+            "classification (multilabel: eoforge eval knn)"
+        )
     probe = linear_probe(
         features["train"],
         torch.from_numpy(data.y_train),
@@ -151,7 +164,7 @@ def run_linear(
             data.class_names[c]: acc for c, acc in sorted(probe.per_class_accuracy.items())
         },
     }
-    return _report(result, release, dataset, data, loaded, seed, window, out, progress)
+    return _report(result, release, dataset, data, loaded, seed, out, progress)
 
 
 def run_knn(
@@ -159,25 +172,26 @@ def run_knn(
     dataset: str,
     *,
     seed: int = 0,
-    window: int = 16,
     k: int | None = None,
     batch_size: int = 256,
-    max_train: int | None = None,
-    max_test: int | None = None,
     progress: bool = True,
     out: str | Path | None = None,
+    **options,
 ) -> dict:
     """Weighted kNN of a release's frozen features (``knn.knn_probe``: cosine, k = min(20, train
     size), votes weighted by exp(similarity / 0.07)); arguments as ``run_linear``'s, plus ``k``.
+    Single-label datasets are scored by accuracy, multilabel ones by mAP (micro and macro).
 
     Returns:
         {protocol, accuracy, balanced_accuracy, majority_baseline, test_majority_share, k,
-        temperature, per_class_accuracy} and the provenance fields of ``run_linear``.
+        temperature, per_class_accuracy} (multilabel: {protocol, map_micro, map_macro,
+        per_class_ap, no_positive, k, temperature}) and the provenance fields of ``run_linear``.
     """
     data, loaded, features = frozen_features(
-        release, dataset, seed=seed, window=window, batch_size=batch_size,
-        max_train=max_train, max_test=max_test, progress=progress,
-    )  # fmt: skip
+        release, dataset, seed=seed, batch_size=batch_size, progress=progress, **options
+    )
+    if data.task not in ("classification", "multilabel"):
+        raise DataError(f"{dataset} is a {data.task} dataset; kNN scores image labels")
     probe = knn_probe(
         features["train"],
         torch.as_tensor(data.y_train),
@@ -186,6 +200,19 @@ def run_knn(
         k=k,
         n_classes=len(data.class_names),
     )
+    if data.task == "multilabel":
+        result = {
+            "protocol": "knn",
+            "map_micro": probe.map_micro,
+            "map_macro": probe.map_macro,
+            "per_class_ap": {
+                data.class_names[c]: ap for c, ap in sorted(probe.per_class_ap.items())
+            },
+            "no_positive": [data.class_names[c] for c in probe.no_positive],
+            "k": probe.k,
+            "temperature": probe.temperature,
+        }
+        return _report(result, release, dataset, data, loaded, seed, out, progress)
     result = {
         "protocol": "knn",
         "accuracy": probe.accuracy,
@@ -198,10 +225,10 @@ def run_knn(
             data.class_names[c]: acc for c, acc in sorted(probe.per_class_accuracy.items())
         },
     }
-    return _report(result, release, dataset, data, loaded, seed, window, out, progress)
+    return _report(result, release, dataset, data, loaded, seed, out, progress)
 
 
-def _report(result, release, dataset, data, loaded, seed, window, out, progress) -> dict:
+def _report(result, release, dataset, data, loaded, seed, out, progress) -> dict:
     """A probe's result with its provenance, written to ``out`` and printed as asked."""
     result = result | {
         "dataset": dataset,
@@ -213,7 +240,7 @@ def _report(result, release, dataset, data, loaded, seed, window, out, progress)
         "split_hash": data.split_hash,
         "band_policy": band_policy(data.band_ids, loaded.card),
         "normalisation": "train-split statistics (clip p1/p99, scale to [0, 1], z-score)",
-        "window": window,
+        "image_size": list(data.x_train.shape[-2:]),
         "features": "concat(cls, mean of patch tokens)",
     }
     if out is not None:

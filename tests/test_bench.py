@@ -63,12 +63,21 @@ def test_suite_runs_every_cell_and_writes_the_tables(suite_file, release, tmp_pa
     rows = {(r["protocol"], r["encoder"], r["metric"]): r for r in results["rows"]}
     assert set(rows) == {
         (p, e, m)
-        for e in ("release", "random_init")
+        for e in ("release", "random_init", "release - random_init")
         for p, m in (("linear", "accuracy"), ("knn", "accuracy"), ("knn", "balanced_accuracy"))
     }
+    # What pretraining adds: differences paired seed by seed on the same split.
+    by_cell = {(c["protocol"], c["encoder"], c["seed"]): c["metrics"] for c in results["cells"]}
+    differences = [
+        by_cell["linear", "release", s]["accuracy"]
+        - by_cell["linear", "random_init", s]["accuracy"]
+        for s in (0, 1, 2)
+    ]
+    paired = rows["linear", "release - random_init", "accuracy"]
+    assert paired["mean"] == pytest.approx(sum(differences) / 3)
     for row in rows.values():
         assert row["n_seeds"] == 3 and row["seeds"] == [0, 1, 2]
-        assert 0.0 <= row["mean"] <= 1.0 and 0.0 <= row["ci95"] < 1.0
+        assert -1.0 <= row["mean"] <= 1.0 and 0.0 <= row["ci95"] < 1.0
         assert row["band_policy"] == "interpolated: 200 of 200 bands unseen in pretraining"
     # The three seeds cut three different splits, so the interval has a spread to measure.
     hashes = {c["split_hash"] for c in results["cells"]}
