@@ -35,8 +35,10 @@ from eoforge.datasets.errors import DataError
 from eoforge.datasets.labelled import (
     TEST,
     TRAIN,
+    LabelledSplit,
     Windows,
     blocked_split,
+    ids_split_hash,
     normalise,
     stratified_subset,
     train_stats,
@@ -221,3 +223,65 @@ def _blocked_split(
     """Block assignment [H, W] int8 (the best of ``SPLIT_DRAWS`` draws) and the mask [H, W] of
     labelled pixels whose window stays inside blocks of their own split."""
     return blocked_split(labels, window, block_size, train_fraction, rng, root / LABEL_FILE)
+
+
+def load_indian_pines_map(
+    root: str | Path,
+    *,
+    tile: int = 16,
+    block_size: int = 32,
+    train_fraction: float = 0.6,
+    seed: int = 0,
+) -> LabelledSplit:
+    """Indian Pines as a segmentation map: the scene cut into ``tile`` x ``tile`` tiles, each
+    with its per-pixel classes (class ``k - 1`` for label ``k``, -1 where unlabelled).
+
+    Split rule: ``blocked_split`` (blocks of ``block_size`` px, a multiple of ``tile``; a seeded
+    assignment of ``train_fraction`` of them to train, the draw with the most similar class
+    mixes); a tile goes where its block goes, so no test tile shares a pixel with a train tile.
+    Tiles without a labelled pixel are left out. The scene is padded with zeros (and -1 labels)
+    to a whole number of tiles. Band order and normalisation as ``load_indian_pines`` (train
+    blocks' pixels only). The split hash covers the tile origins of both splits.
+
+    Returns:
+        A ``"segmentation"`` split: x [N, 200, tile, tile] float32, y [N, tile, tile] int64.
+    """
+    if tile < 1 or block_size < tile or block_size % tile or not 0 < train_fraction < 1:
+        raise ValueError(
+            f"tile={tile} must be >= 1, block_size={block_size} a multiple of it and "
+            f"train_fraction={train_fraction} inside (0, 1)"
+        )
+    image, labels = _read(Path(root))  # [H, W, C], [H, W]
+    sensor = get_sensor(SENSOR)
+    band_ids = [band.band_id for band in sensor.bands]
+    rng = np.random.default_rng(seed)
+    split_map, _ = blocked_split(labels, 1, block_size, train_fraction, rng, Path(root))
+    stats = train_stats(image[split_map == TRAIN], band_ids, Path(root) / IMAGE_FILE)
+    height, width = labels.shape
+    pad = ((0, -height % tile), (0, -width % tile))
+    normed = np.pad(normalise(image, stats, band_ids), (*pad, (0, 0)))  # [H', W', C]
+    classes = np.pad(labels.astype(np.int64) - 1, pad, constant_values=-1)  # [H', W']
+    n_rows, n_cols = classes.shape[0] // tile, classes.shape[1] // tile
+    x = normed.reshape(n_rows, tile, n_cols, tile, -1).transpose(0, 2, 4, 1, 3)  # [nR, nC, C, t, t]
+    y = classes.reshape(n_rows, tile, n_cols, tile).transpose(0, 2, 1, 3)  # [nR, nC, t, t]
+    tile_split = split_map[::tile, ::tile]  # [nR, nC]: each tile lies in one block
+    labelled = (y >= 0).any(axis=(2, 3))
+    out, ids = {}, {}
+    for split in (TRAIN, TEST):
+        rows, cols = np.nonzero(labelled & (tile_split == split))
+        out[split] = (np.ascontiguousarray(x[rows, cols]), np.ascontiguousarray(y[rows, cols]))
+        ids[split] = [f"{r * tile}_{c * tile}" for r, c in zip(rows, cols, strict=True)]
+    return LabelledSplit(
+        x_train=out[TRAIN][0],
+        y_train=out[TRAIN][1],
+        x_test=out[TEST][0],
+        y_test=out[TEST][1],
+        band_ids=band_ids,
+        wavelengths=np.array([band.wavelength for band in sensor.bands], dtype=np.float32),
+        class_names=list(CLASS_NAMES),
+        task="segmentation",
+        split_hash=ids_split_hash(ids[TRAIN], ids[TEST]),
+        stats=stats,
+        train_ids=ids[TRAIN],
+        test_ids=ids[TEST],
+    )

@@ -315,6 +315,7 @@ def loader_options(name: str) -> set[str]:
 
 EVAL_DATASETS: dict[str, Callable[..., object]] = {
     "indian_pines": _lazy("indian_pines", "load_indian_pines"),
+    "indian_pines_map": _lazy("indian_pines", "load_indian_pines_map"),
     "eurosat": _lazy("eurosat", "load_eurosat"),
     "bigearthnet": _lazy("bigearthnet", "load_bigearthnet"),
     "change_pairs": _lazy("change_pairs", "load_change_pairs"),

@@ -1,5 +1,6 @@
 """Evaluation protocols over a release: ``run_linear`` (a linear probe) and ``run_knn`` (weighted
-kNN) score its frozen features.
+kNN) score its frozen features; ``run_trained`` finetunes it (classification and multilabel),
+or trains a segmentation or change-detection decoder on it, frozen or not.
 
 Datasets are named ``NAME:ROOT`` (``indian_pines:/data/indian_pines_aviris``); ``DATASETS`` maps
 each name to its adapter, which returns a ``PixelSplit``-like object (normalised ``x_train``/
@@ -17,7 +18,9 @@ import torch
 
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.labelled import EVAL_DATASETS, loader_options
+from eoforge.finetune.dense import train_change, train_segmentation
 from eoforge.finetune.features import extract_features
+from eoforge.finetune.finetune import finetune_classifier
 from eoforge.finetune.knn import knn_probe
 from eoforge.finetune.linear import linear_probe
 from eoforge.models import load_release
@@ -249,3 +252,84 @@ def _report(result, release, dataset, data, loaded, seed, out, progress) -> dict
     if progress:
         print(json.dumps(result, indent=2))
     return result
+
+
+TRAINED_TASKS = {
+    "finetune": ("classification", "multilabel"),
+    "segmentation": ("segmentation",),
+    "change": ("change",),
+}
+
+
+def run_trained(
+    protocol: str,
+    release: str | Path,
+    dataset: str,
+    *,
+    seed: int = 0,
+    frozen: bool = False,
+    epochs: int = 30,
+    lr: float | None = None,
+    layer_decay: float = 0.75,
+    batch_size: int = 16,
+    progress: bool = True,
+    out: str | Path | None = None,
+    **options,
+) -> dict:
+    """Train a head, and the encoder unless ``frozen``, with layer-wise lr decay, then score:
+    ``finetune`` (classification: accuracy; multilabel: mAP micro/macro), ``segmentation``
+    (UPerNet-style decoder: mIoU) or ``change`` (siamese encoder: F1 and IoU of the change
+    class). Other arguments as ``run_linear``'s; ``lr`` defaults to the protocol's own.
+
+    Raises:
+        DataError: when the dataset's task is not the protocol's.
+    """
+    if protocol not in TRAINED_TASKS:
+        raise DataError(f"unknown protocol {protocol!r}; trained protocols: {list(TRAINED_TASKS)}")
+    data = load_split(dataset, seed, **options)
+    if data.task not in TRAINED_TASKS[protocol]:
+        raise DataError(
+            f"{dataset} is a {data.task} dataset; {protocol} needs "
+            f"{' or '.join(TRAINED_TASKS[protocol])}"
+        )
+    loaded = dataset_release(release, data)
+    common = dict(frozen=frozen, epochs=epochs, layer_decay=layer_decay, seed=seed)
+    common |= {"batch_size": batch_size, "progress": progress, **({"lr": lr} if lr else {})}
+    args = (loaded.encoder, data.x_train, data.y_train, data.x_test, data.y_test)
+    ids = (loaded.band_ids, loaded.wavelengths)
+    n_classes = len(data.class_names)
+    if protocol == "finetune":
+        multilabel = data.task == "multilabel"
+        trained = finetune_classifier(
+            *args,
+            *ids,
+            multilabel=multilabel,
+            n_classes=None if multilabel else n_classes,
+            **common,
+        )
+        scores = (
+            {"map_micro": trained.map_micro, "map_macro": trained.map_macro}
+            if multilabel
+            else {"accuracy": trained.accuracy}
+        )
+    elif protocol == "segmentation":
+        trained = train_segmentation(*args, n_classes, *ids, **common)
+        scores = {
+            "miou": trained.miou,
+            "per_class_iou": {
+                data.class_names[c]: iou for c, iou in sorted(trained.per_class_iou.items())
+            },
+        }
+    else:
+        trained = train_change(*args, *ids, **common)
+        scores = {"f1": trained.f1, "iou": trained.iou}
+        scores |= {"precision": trained.precision, "recall": trained.recall}
+    result = {
+        "protocol": protocol,
+        **scores,
+        "frozen": frozen,
+        "epochs": epochs,
+        "layer_decay": layer_decay,
+        "final_train_loss": trained.train_loss[-1],
+    }
+    return _report(result, release, dataset, data, loaded, seed, out, progress)

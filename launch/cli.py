@@ -41,6 +41,12 @@ The script is written to RUN_DIR/launch.sbatch; sbatch it again to resume by han
     "release verify": "example:\n  eoforge release verify runs/demo/release",
     "eval knn": """example:
   eoforge eval knn --release runs/demo/release --dataset indian_pines:../shared/data/indian_pines_aviris k=20""",
+    "eval finetune": """example:
+  eoforge eval finetune --release runs/demo/release --dataset eurosat:../shared/data/eurosat_ms_samples epochs=20""",
+    "eval segmentation": """example:
+  eoforge eval segmentation --release R --dataset indian_pines_map:../shared/data/indian_pines_aviris --frozen""",
+    "eval change": """example:
+  eoforge eval change --release R --dataset taizhou:../shared/data/landsat_tm_change_detection_taizhou_nanjing""",
     "bench run": """example:
   eoforge bench run suite.yaml --release runs/demo/release --out bench/pines
 Run it again to continue a run that stopped: finished cells are skipped.""",
@@ -254,6 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="key=value options: seed, window, k, batch_size, max_train, max_test",
     )
+
+    for protocol, help_text in (
+        ("finetune", "finetune the encoder with a linear head (layer-wise lr decay)"),
+        ("segmentation", "train an UPerNet-style decoder on the encoder; mIoU"),
+        ("change", "train a siamese change-detection head on the encoder; F1 and IoU"),
+    ):
+        trained = _command(evaluate, "eval", protocol, help_text, _eval_trained)
+        trained.set_defaults(protocol=protocol)
+        trained.add_argument("--release", required=True, help="release folder")
+        trained.add_argument("--dataset", required=True, help="NAME:ROOT")
+        trained.add_argument("--frozen", action="store_true", help="train the head only")
+        trained.add_argument("--out", help="write the result as JSON here")
+        trained.add_argument(
+            "options",
+            nargs="*",
+            help="key=value: seed, epochs, lr, layer_decay, batch_size, and the dataset's options",
+        )
 
     bench = _group(verbs, "bench", "run a benchmark suite over a release; compare results")
     brun = _command(
@@ -532,6 +555,16 @@ def _eval_knn(args) -> int:
 
     options = dict(_parse_option(item) for item in args.options)
     run_knn(args.release, args.dataset, out=args.out, **options)
+    return 0
+
+
+def _eval_trained(args) -> int:
+    from eoforge.finetune.evaluate import run_trained
+
+    options = dict(_parse_option(item) for item in args.options)
+    run_trained(
+        args.protocol, args.release, args.dataset, frozen=args.frozen, out=args.out, **options
+    )
     return 0
 
 
