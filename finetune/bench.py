@@ -8,11 +8,16 @@ A suite (YAML)::
     datasets:
       - {name: indian_pines, root: ../shared/data/indian_pines_aviris,
          options: {window: 8, max_train: 600, max_test: 600}}
-    protocols: [linear, knn]
-    encoders: [release, random_init]  # the release, and its architecture with random weights
+    protocols: [linear, knn]          # frozen probes; also finetune, segmentation, change
+    encoders: [release, random_init, supervised]
+    training: {epochs: 10, batch_size: 16}   # trained protocols and the supervised baseline
 
-Every (dataset, seed) split is cut once, its features extracted once per encoder and shared by
-the protocols. Each finished cell is appended to ``cells.jsonl`` in the output folder at once,
+Encoders: the release; its architecture with random weights (``random_init``: under frozen
+probes it shows what pretraining adds, under trained protocols it is training from scratch);
+and that random encoder trained with the split's labels first (``supervised``, a small model
+trained from scratch on the same split, for image-label datasets). Every (dataset, seed) split is
+cut once, its encoder built and its features extracted once per encoder and shared by the
+protocols. Each finished cell is appended to ``cells.jsonl`` in the output folder at once,
 so a run that stops is continued by running it again: finished cells are skipped. The output
 folder then gets ``results.json`` (suite, release, every cell, the summary rows),
 ``results.csv``, ``results.md`` and ``results.png``; every row names its band-handling policy.
@@ -30,18 +35,27 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
 from eoforge.datasets.errors import DataError
-from eoforge.finetune.evaluate import band_policy, dataset_release, load_split, parse_dataset
+from eoforge.finetune.evaluate import (
+    TRAINED_TASKS,
+    band_policy,
+    dataset_release,
+    load_split,
+    parse_dataset,
+    train_and_score,
+)
 from eoforge.finetune.features import extract_features
 from eoforge.finetune.knn import knn_probe
 from eoforge.finetune.linear import linear_probe
 from eoforge.finetune.metrics import mean_ci95
 from eoforge.models import create_model
+from eoforge.models.release import Release
 
-PROTOCOLS = ("linear", "knn")
-ENCODERS = ("release", "random_init")
+PROTOCOLS = ("linear", "knn", "finetune", "segmentation", "change")
+ENCODERS = ("release", "random_init", "supervised")
 CELLS, RESULTS = "cells.jsonl", "results"
 MIN_SEEDS = 3
 
@@ -53,8 +67,10 @@ class Suite:
     name: str
     seeds: list[int]
     datasets: list[dict]
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
-    encoders: list[str] = field(default_factory=lambda: list(ENCODERS))
+    protocols: list[str] = field(default_factory=lambda: ["linear", "knn"])
+    encoders: list[str] = field(default_factory=lambda: ["release", "random_init"])
+    # Options of the trained protocols and of the supervised baseline's training.
+    training: dict = field(default_factory=lambda: {"epochs": 10, "batch_size": 16})
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -123,14 +139,14 @@ def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: b
     with tqdm(
         total=len(todo), desc=f"bench {suite.name}", unit="cell", disable=not progress
     ) as bar:
-        # Cells come grouped by (dataset, seed, encoder): one split and one feature extraction
-        # serve every protocol of the group.
-        group, features = None, None
+        # Cells come grouped by (dataset, seed, encoder): one split, one encoder and one feature
+        # extraction serve every protocol of the group.
+        group, prepared = None, None
         for entry, seed, encoder, protocol in todo:
             if group != (entry["name"], seed, encoder):
                 group = (entry["name"], seed, encoder)
-                features = encode_split(entry, seed, encoder, release)
-            cell = score(features, protocol) | {
+                prepared = prepare_split(entry, seed, encoder, release, suite.training)
+            cell = score(prepared, protocol, seed) | {
                 "dataset": entry["name"],
                 "protocol": protocol,
                 "encoder": encoder,
@@ -154,69 +170,84 @@ def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: b
 
 
 @dataclass
-class EncodedSplit:
-    """Frozen features of one dataset split under one encoder, with what the rows report."""
+class PreparedSplit:
+    """One dataset split with one encoder, and what the rows report."""
 
-    train: torch.Tensor  # [N, D]
-    test: torch.Tensor  # [M, D]
-    y_train: torch.Tensor
-    y_test: torch.Tensor
-    n_classes: int
-    task: str
-    split_hash: str
+    data: object  # the dataset's LabelledSplit
+    loaded: Release  # the release loaded for the dataset's bands (ids and wavelengths)
+    model: nn.Module  # the encoder of the row: the release's, or a baseline
     band_policy: str
+    training: dict  # the suite's training options (trained protocols, the supervised baseline)
+    features: tuple[torch.Tensor, torch.Tensor] | None = None  # frozen [N, D], [M, D]; lazy
+
+    def frozen_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.features is None:
+            ids = (self.loaded.band_ids, self.loaded.wavelengths)
+            self.features = tuple(
+                extract_features(self.model, x, *ids, progress=False)
+                for x in (self.data.x_train, self.data.x_test)
+            )
+        return self.features
 
 
-def encode_split(entry: dict, seed: int, encoder: str, release: str | Path) -> EncodedSplit:
-    """Cut the dataset's split for ``seed`` and extract frozen features with ``encoder``: the
-    release, or its architecture initialised at random from ``seed`` (the baseline that shows
-    what pretraining adds)."""
+def prepare_split(
+    entry: dict, seed: int, encoder: str, release: str | Path, training: dict
+) -> PreparedSplit:
+    """Cut the dataset's split for ``seed`` and build the row's encoder: ``release``; or its
+    architecture with random weights drawn from ``seed`` (``random_init``: frozen probes then
+    show what pretraining adds, and trained protocols train it from scratch); or that random
+    encoder first trained with labels on the split (``supervised``, image-label datasets)."""
     data = load_split(f"{entry['name']}:{entry['root']}", seed, **entry.get("options", {}))
-    if data.task not in ("classification", "multilabel"):
-        raise DataError(
-            f"{entry['name']} is a {data.task} dataset; the suite's probes score labels"
-        )
     loaded = dataset_release(release, data)
     model = loaded.encoder
-    if encoder == "random_init":
+    if encoder != "release":
         config = json.loads((Path(release) / "config.json").read_text())
         torch.manual_seed(seed)
         model = create_model(config["architecture"], **config["kwargs"]).eval()
-    features = [
-        extract_features(model, x, loaded.band_ids, loaded.wavelengths, progress=False)
-        for x in (data.x_train, data.x_test)
-    ]
-    return EncodedSplit(
-        train=features[0],
-        test=features[1],
-        y_train=torch.as_tensor(data.y_train),
-        y_test=torch.as_tensor(data.y_test),
-        n_classes=len(data.class_names),
-        task=data.task,
-        split_hash=data.split_hash,
-        band_policy=band_policy(data.band_ids, loaded.card),
-    )
+    if encoder == "supervised":
+        if data.task not in ("classification", "multilabel"):
+            raise DataError(
+                f"the supervised baseline needs image labels; {entry['name']} is {data.task}"
+            )
+        _, trained = train_and_score("finetune", model, data, loaded, seed, **training)
+        model = trained.encoder.eval()
+    return PreparedSplit(data, loaded, model, band_policy(data.band_ids, loaded.card), training)
 
 
-def score(split: EncodedSplit, protocol: str) -> dict:
-    """One protocol on one encoded split: its metrics and provenance."""
-    common = {"split_hash": split.split_hash, "band_policy": split.band_policy}
-    common |= {"n_train": len(split.y_train), "n_test": len(split.y_test)}
-    if protocol == "linear":
-        if split.task != "classification":
-            raise DataError(f"linear probe scores single-label classification, not {split.task}")
-        result = linear_probe(
-            split.train, split.y_train, split.test, split.y_test, n_classes=split.n_classes
+def score(split: PreparedSplit, protocol: str, seed: int) -> dict:
+    """One protocol on one prepared split: its metrics and provenance."""
+    data = split.data
+    common = {"split_hash": data.split_hash, "band_policy": split.band_policy}
+    common |= {"n_train": len(data.y_train), "n_test": len(data.y_test)}
+    if protocol in TRAINED_TASKS:
+        if data.task not in TRAINED_TASKS[protocol]:
+            raise DataError(
+                f"{protocol} needs {' or '.join(TRAINED_TASKS[protocol])}, not {data.task}"
+            )
+        scores, trained = train_and_score(
+            protocol, split.model, data, split.loaded, seed, **split.training
         )
+        metrics = {k: v for k, v in scores.items() if isinstance(v, float)}
+        return common | {
+            "metrics": metrics,
+            "details": {"final_train_loss": trained.train_loss[-1]},
+        }
+    if data.task not in ("classification", "multilabel"):
+        raise DataError(f"{protocol} scores image labels, not {data.task}")
+    train, test = split.frozen_features()
+    y_train, y_test = torch.as_tensor(data.y_train), torch.as_tensor(data.y_test)
+    n_classes = len(data.class_names)
+    if protocol == "linear":
+        if data.task != "classification":
+            raise DataError(f"linear probe scores single-label classification, not {data.task}")
+        result = linear_probe(train, y_train, test, y_test, n_classes=n_classes)
         return common | {
             "metrics": {"accuracy": result.accuracy},
             "details": {"best_lr": result.best_lr, "best_weight_decay": result.best_weight_decay},
         }
-    result = knn_probe(
-        split.train, split.y_train, split.test, split.y_test, n_classes=split.n_classes
-    )
+    result = knn_probe(train, y_train, test, y_test, n_classes=n_classes)
     details = {"k": result.k, "temperature": result.temperature}
-    if split.task == "multilabel":
+    if data.task == "multilabel":
         return common | {
             "metrics": {"map_micro": result.map_micro, "map_macro": result.map_macro},
             "details": details,

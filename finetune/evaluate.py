@@ -293,37 +293,9 @@ def run_trained(
             f"{' or '.join(TRAINED_TASKS[protocol])}"
         )
     loaded = dataset_release(release, data)
-    common = dict(frozen=frozen, epochs=epochs, layer_decay=layer_decay, seed=seed)
-    common |= {"batch_size": batch_size, "progress": progress, **({"lr": lr} if lr else {})}
-    args = (loaded.encoder, data.x_train, data.y_train, data.x_test, data.y_test)
-    ids = (loaded.band_ids, loaded.wavelengths)
-    n_classes = len(data.class_names)
-    if protocol == "finetune":
-        multilabel = data.task == "multilabel"
-        trained = finetune_classifier(
-            *args,
-            *ids,
-            multilabel=multilabel,
-            n_classes=None if multilabel else n_classes,
-            **common,
-        )
-        scores = (
-            {"map_micro": trained.map_micro, "map_macro": trained.map_macro}
-            if multilabel
-            else {"accuracy": trained.accuracy}
-        )
-    elif protocol == "segmentation":
-        trained = train_segmentation(*args, n_classes, *ids, **common)
-        scores = {
-            "miou": trained.miou,
-            "per_class_iou": {
-                data.class_names[c]: iou for c, iou in sorted(trained.per_class_iou.items())
-            },
-        }
-    else:
-        trained = train_change(*args, *ids, **common)
-        scores = {"f1": trained.f1, "iou": trained.iou}
-        scores |= {"precision": trained.precision, "recall": trained.recall}
+    training = dict(frozen=frozen, epochs=epochs, layer_decay=layer_decay, batch_size=batch_size)
+    training |= {"progress": progress, **({"lr": lr} if lr else {})}
+    scores, trained = train_and_score(protocol, loaded.encoder, data, loaded, seed, **training)
     result = {
         "protocol": protocol,
         **scores,
@@ -333,3 +305,27 @@ def run_trained(
         "final_train_loss": trained.train_loss[-1],
     }
     return _report(result, release, dataset, data, loaded, seed, out, progress)
+
+
+def train_and_score(protocol: str, encoder, data, loaded: Release, seed: int, **training):
+    """Run a trained protocol on ``encoder`` (``loaded`` gives the band ids and wavelengths);
+    returns (its scores, the trainer's result with the trained encoder copy)."""
+    args = (encoder, data.x_train, data.y_train, data.x_test, data.y_test)
+    ids = (loaded.band_ids, loaded.wavelengths)
+    n_classes = len(data.class_names)
+    if protocol == "finetune":
+        multilabel = data.task == "multilabel"
+        classes = None if multilabel else n_classes
+        trained = finetune_classifier(
+            *args, *ids, multilabel=multilabel, n_classes=classes, seed=seed, **training
+        )
+        if multilabel:
+            return {"map_micro": trained.map_micro, "map_macro": trained.map_macro}, trained
+        return {"accuracy": trained.accuracy}, trained
+    if protocol == "segmentation":
+        trained = train_segmentation(*args, n_classes, *ids, seed=seed, **training)
+        per_class = {data.class_names[c]: v for c, v in sorted(trained.per_class_iou.items())}
+        return {"miou": trained.miou, "per_class_iou": per_class}, trained
+    trained = train_change(*args, *ids, seed=seed, **training)
+    scores = {"f1": trained.f1, "iou": trained.iou}
+    return scores | {"precision": trained.precision, "recall": trained.recall}, trained

@@ -100,9 +100,9 @@ def test_a_stopped_run_continues_with_the_missing_cells_only(
     # A run killed while writing its last cell: that line is cut short.
     (out / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     encoded = []
-    real = bench.encode_split
+    real = bench.prepare_split
     monkeypatch.setattr(
-        bench, "encode_split", lambda *a: encoded.append((a[0]["name"], *a[1:3])) or real(*a)
+        bench, "prepare_split", lambda *a: encoded.append((a[0]["name"], *a[1:3])) or real(*a)
     )
     second = run(suite_file, release, out)
     last = json.loads(lines[-1])
@@ -117,7 +117,7 @@ def test_suite_errors_name_the_key(tmp_path, sample_data):
     root = sample_data / "indian_pines_aviris"
     cases = {
         "seeds: [0, 1]": "at least 3 distinct seeds",
-        "seeds: [0, 1, 2]\nprotocols: [linear, segmentation]": "unknown protocol 'segmentation'",
+        "seeds: [0, 1, 2]\nprotocols: [linear, detection]": "unknown protocol 'detection'",
         "seeds: [0, 1, 2]\nencoders: [scratch]": "unknown encoder 'scratch'",
         "seeds: [0, 1, 2]\nmetric: accuracy": "unknown key(s) ['metric']",
     }
@@ -160,3 +160,40 @@ def test_eval_knn_from_the_cli(sample_data, release, tmp_path, capsys):
     assert result["protocol"] == "knn" and result["k"] == 5 and result["n_train"] == 200
     # Random projections of the spectra keep neighbourhoods: kNN beats the majority class.
     assert result["accuracy"] > result["majority_baseline"]
+
+
+def test_trained_protocols_and_the_supervised_baseline(sample_data, release, tmp_path):
+    """A segmentation row per encoder on the Indian Pines map, and a supervised encoder (trained
+    with the split's labels first) probed beside the release."""
+    path = tmp_path / "dense.yaml"
+    root = sample_data / "indian_pines_aviris"
+    path.write_text(
+        "name: dense\nseeds: [0, 1, 2]\n"
+        f"datasets:\n  - {{name: indian_pines_map, root: {root}}}\n"
+        "  - {name: indian_pines, root: "
+        + str(root)
+        + ", options: {window: 8, max_train: 64, max_test: 32}}\n"
+        "protocols: [segmentation, knn]\nencoders: [release, supervised]\n"
+        "training: {epochs: 1, batch_size: 8}\n"
+    )
+    suite = bench.load_suite(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # kNN scores image labels, not a map: the suite stops at the first such cell, naming
+        # it; so does a supervised baseline asked for on a map.
+        with pytest.raises(ValueError, match="knn scores image labels, not segmentation"):
+            bench.run_suite(suite, release, tmp_path / "out", progress=False)
+        suite.encoders = ["supervised"]
+        with pytest.raises(ValueError, match="supervised baseline needs image labels"):
+            bench.run_suite(suite, release, tmp_path / "out1", progress=False)
+        suite.encoders = ["release", "random_init"]
+        suite.datasets = suite.datasets[:1]
+        suite.protocols = ["segmentation"]
+        results = bench.run_suite(suite, release, tmp_path / "out2", progress=False)
+        rows = {(r["encoder"], r["metric"]) for r in results["rows"]}
+        assert ("release", "miou") in rows and ("release - random_init", "miou") in rows
+        suite.datasets = bench.load_suite(path).datasets[1:]
+        suite.encoders, suite.protocols = ["supervised"], ["knn"]
+        supervised = bench.run_suite(suite, release, tmp_path / "out3", progress=False)
+    assert {c["encoder"] for c in supervised["cells"]} == {"supervised"}
+    assert all(0.0 <= c["metrics"]["accuracy"] <= 1.0 for c in supervised["cells"])
