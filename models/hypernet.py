@@ -177,9 +177,11 @@ class DynamicPatchEmbed(nn.Module):
         row = wavelengths if wavelengths.dim() == 1 else wavelengths[0]  # one band set per batch
         row = row.to(self.sar_codes.device)
         index = self.sar_index(band_ids, row)  # [C]
-        optical = sincos_wavelength(row, WAVE_DIM, like=self.sar_codes)  # [C, 128]
-        sar = self.sar_codes[index.clamp(min=0)]  # [C, 128]
-        return self.fclayer(torch.where(index[:, None] >= 0, sar, optical))
+        codes = sincos_wavelength(row, WAVE_DIM, like=self.sar_codes)  # [C, 128]
+        if self.sar_polarisations:  # none: every band is optical (``_resolve`` refused SAR)
+            sar = self.sar_codes[index.clamp(min=0)]  # [C, 128]
+            codes = torch.where(index[:, None] >= 0, sar, codes)
+        return self.fclayer(codes)
 
     def generate(
         self, band_ids: Sequence[str], wavelengths: torch.Tensor
