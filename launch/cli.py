@@ -38,6 +38,11 @@ The script is written to RUN_DIR/launch.sbatch; sbatch it again to resume by han
     "release build": """examples:
   eoforge release build runs/demo                   # writes runs/demo/release
   eoforge release build runs/mae releases/mae-vit-b""",
+    "release import": """example:
+  eoforge release import satmae.pth releases/satmae --layout satmae --architecture vit_large_patch16 \\
+      --sensor S2L2A --bands B02 B03 B04 B05 B06 B07 B08 B8A B11 B12""",
+    "embed": """example:
+  eoforge embed --release runs/demo/release scene.tif embeddings.tif --sensor S2L2A""",
     "release verify": "example:\n  eoforge release verify runs/demo/release",
     "eval knn": """example:
   eoforge eval knn --release runs/demo/release --dataset indian_pines:../shared/data/indian_pines_aviris k=20""",
@@ -236,6 +241,41 @@ def build_parser() -> argparse.ArgumentParser:
         release, "release", "verify", "check a release's files, card and hash", _release_verify
     )
     rverify.add_argument("release")
+
+    rimport = _command(
+        release,
+        "release",
+        "import",
+        "write a release from a published DOFA or SatMAE checkpoint (.pth or .safetensors)",
+        _release_import,
+    )
+    rimport.add_argument("checkpoint")
+    rimport.add_argument("out", help="release folder to write")
+    rimport.add_argument("--layout", required=True, choices=["dofa", "satmae"])
+    rimport.add_argument(
+        "--architecture", required=True, help="eoforge encoder name, e.g. vit_base_patch16"
+    )
+    rimport.add_argument("--sensor", required=True, help="registry sensor of the input bands")
+    rimport.add_argument(
+        "--bands", nargs="+", help="the model's input bands in its channel order (default: all)"
+    )
+    rimport.add_argument("--licence", default="other", help="the checkpoint's licence")
+
+    embed = _command(
+        verbs,
+        None,
+        "embed",
+        "georeferenced per-patch embeddings of a GeoTIFF, tile by tile",
+        _embed,
+    )
+    embed.add_argument("--release", required=True, help="release folder")
+    embed.add_argument("src", help="GeoTIFF to embed")
+    embed.add_argument("out", help="GeoTIFF to write (one pixel per patch, one band per feature)")
+    embed.add_argument("--sensor", help="registry sensor of the file's bands")
+    embed.add_argument("--bands", nargs="+", help="band ids or names of the file's bands, in order")
+    embed.add_argument("--window", type=int, help="crop side in patches the encoder sees at once")
+    embed.add_argument("--tile", type=int, help="pixels read per tile")
+    embed.add_argument("--batch-size", type=int, default=16)
 
     evaluate = _group(verbs, "eval", "downstream protocols on frozen or finetuned encoders")
     linear = _command(evaluate, "eval", "linear", "linear probe on frozen features", _eval_linear)
@@ -530,6 +570,41 @@ def _validate(cfg, world_size: int) -> None:
         validate_objective(cfg.objective)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _release_import(args) -> int:
+    from eoforge.datasets.sensors import get_sensor
+    from eoforge.models.importers import import_release
+
+    sensor = get_sensor(args.sensor)
+    chosen = [sensor.band(name) for name in args.bands] if args.bands else list(sensor.bands)
+    out = import_release(
+        args.checkpoint,
+        args.layout,
+        args.out,
+        architecture=args.architecture,
+        bands=[band.to_dict() for band in chosen],
+        licence=args.licence,
+    )
+    print(f"wrote {out}\nnext: eoforge release verify {out}")
+    return 0
+
+
+def _embed(args) -> int:
+    from eoforge.finetune.embed import embed_geotiff
+
+    out = embed_geotiff(
+        args.release,
+        args.src,
+        args.out,
+        sensor=args.sensor,
+        bands=args.bands,
+        window=args.window,
+        tile=args.tile,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {out}")
+    return 0
 
 
 def _release_build(args) -> int:

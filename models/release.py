@@ -138,8 +138,7 @@ def render_model_card(card: Mapping) -> str:
         f"# {card.get('name', arch['name'])}",
         "",
         f"eoforge release (schema {card['schema_version']}, eoforge {card['eoforge_version']}): "
-        f"`{arch['name']}` pretrained with `{card['objective'].get('name', '?')}` for "
-        f"{card['steps']} steps. Licence: {card['licence']}.",
+        f"`{arch['name']}` {_provenance(card)}. Licence: {card['licence']}.",
         "",
         "```python",
         "from eoforge.models import load_release",
@@ -172,6 +171,14 @@ def render_model_card(card: Mapping) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _provenance(card: Mapping) -> str:
+    """How the weights came about, for the model card's first line."""
+    objective = card["objective"]
+    if objective.get("name") == "imported":
+        return f"imported from a published {objective.get('source', '?')} checkpoint"
+    return f"pretrained with `{objective.get('name', '?')}` for {card['steps']} steps"
 
 
 def _clipped(card: dict) -> bool:
