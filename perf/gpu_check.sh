@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks of one lent-device session, in one go (a few minutes on an H100):
+#   1. the gpu-marked tests (flash-attn and SDPA kernels against each other);
+#   2. perf/mae_step.py: eoforge's MAE step (ZeRO-2, bf16) beside the reference MAE under
+#      DeepSpeed ZeRO-2 + compile and in plain compiled torch, with the MFU (target 1);
+# perf/selective_mae.py (target 2) times on a CPU only so far; --smoke runs it too.
+# JSON and Markdown results go to $OUT (the device tool's output folder) or perf/results.
+#
+#   perf/gpu_check.sh           on the GPU machine: carried wheels in .whl/ are installed into
+#                               .site/ first, and .ref/ref_mae.py is the reference if present
+#   perf/gpu_check.sh --smoke   the same steps at tiny shapes on a CPU (the test suite runs it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+[ "${1:-}" = "--smoke" ] && smoke=1
+python=${PYTHON:-python3}
+ref=${REF_MAE:-../shared/bench/ref_mae.py}
+[ -f .ref/ref_mae.py ] && ref=.ref/ref_mae.py
+
+if [ "$smoke" = 1 ]; then
+    out=${OUT:-$(mktemp -d)}  # smoke figures never overwrite the committed results
+    export DS_ACCELERATOR=cpu
+    "$python" perf/mae_step.py --smoke --ref "$ref" --out "$out"
+    "$python" perf/selective_mae.py --smoke --ref "$ref" --out "$out"
+    exit 0
+fi
+
+out=${OUT:-perf/results}
+if [ -d .whl ]; then
+    "$python" -m pip install -q --no-index --no-deps --target .site .whl/*.whl
+    export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$python" -c "import torch; print('device:', torch.cuda.get_device_name())"
+"$python" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -n 15 | tee "$out/gpu_tests.txt"
+"$python" perf/mae_step.py --ref "$ref" --out "$out"

@@ -1,0 +1,276 @@
+"""PERFORMANCE.md target 1: eoforge's MAE pretraining step against the reference MAE.
+
+Timed side by side in one process, at equal shapes, on one synthetic 12-band Sentinel-2 batch
+(random pixels: the step does the same work whatever they hold):
+
+* ``eoforge_zero2``: ``eoforge.pretrain.mae.MAE`` on a ``SpectralViT`` with the spectrum-aware
+  tokenizer, through ``eoforge.launch.engine.DeepSpeedEngine`` (ZeRO-2; bf16 on a GPU, fp32 on
+  a CPU) — the production path, batch contract in, loss out;
+* ``ref_zero2``: ``RefMAE`` of ``../shared/bench/ref_mae.py`` through ``deepspeed.initialize``
+  with ZeRO-2 as ``ref_mae_deepspeed.py`` configures it, plus ``engine.compile()`` on a GPU;
+* ``ref_plain``: ``RefMAE`` in plain torch with fused AdamW and bf16 autocast, compiled with
+  ``torch.compile`` on a GPU (eager on a CPU, where compiling is not what is measured).
+
+A step is forward + backward + optimizer step. Steps are timed in rounds, the order rotating
+every round; the figure per model is the median over rounds. On a GPU the script also reports
+the MFU of the eoforge step: its model FLOPs (``torch.utils.flop_counter.FlopCounterMode``) per
+second over the bf16 matmul peak measured in the same run. Gate (GPU): eoforge_zero2 >= 1.0x
+ref_zero2 img/s; goals: >= 1.0x ref_plain and MFU >= 45%. On a CPU the ratios are reported.
+
+Usage: ``python perf/mae_step.py [--smoke] [--out perf/results] [--ref PATH]``; writes
+mae_step.json and .md into --out. ``--smoke`` runs the same code at tiny shapes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from selective_mae import REF_MAE, S2_BANDS, load_ref_mae, s2_batch
+
+from eoforge.launch.distributed import import_deepspeed, init_distributed
+from eoforge.launch.engine import DeepSpeedEngine
+from eoforge.models.vit import SpectralViT
+from eoforge.pretrain.mae import MAE
+
+from perf_report import machine, now, write_results
+
+GATE = 1.0
+GPU = dict(
+    img=224, patch=16, bands=12, batch=256, dim=768, depth=12, heads=12,
+    decoder_dim=512, decoder_depth=8, decoder_heads=16, rounds=5, steps=10, warmup=5,
+)  # fmt: skip
+CPU = dict(
+    img=128, patch=16, bands=12, batch=4, dim=384, depth=12, heads=6,
+    decoder_dim=512, decoder_depth=8, decoder_heads=16, rounds=5, steps=1, warmup=1,
+)  # fmt: skip
+SMOKE = dict(
+    img=32, patch=8, bands=12, batch=2, dim=64, depth=2, heads=4,
+    decoder_dim=32, decoder_depth=1, decoder_heads=4, rounds=2, steps=1, warmup=1,
+)  # fmt: skip
+ADAMW = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def eoforge_step(cfg: dict, device: torch.device) -> Callable[[], None]:
+    """The production path: MAE objective in a DeepSpeedEngine, fed the batch contract."""
+    torch.manual_seed(0)
+    encoder = SpectralViT(cfg["patch"], cfg["dim"], cfg["depth"], cfg["heads"])
+    objective = MAE(
+        encoder,
+        decoder_dim=cfg["decoder_dim"],
+        decoder_depth=cfg["decoder_depth"],
+        decoder_heads=cfg["decoder_heads"],
+    )
+    engine = DeepSpeedEngine(
+        objective,
+        micro_batch=cfg["batch"],
+        lr=ADAMW["lr"],
+        weight_decay=ADAMW["weight_decay"],
+        betas=ADAMW["betas"],
+        zero_stage=2,
+        precision="bf16" if device.type == "cuda" else "fp32",
+        grad_clip=0.0,
+    )
+    batch = _to(s2_batch(cfg), device)
+
+    def step() -> None:
+        engine.backward_step(engine(batch)["loss"])
+
+    return step
+
+
+def ref_steps(cfg: dict, device: torch.device, ref_cls) -> dict[str, Callable[[], None]]:
+    """The reference MAE in DeepSpeed ZeRO-2 (as ref_mae_deepspeed.py) and in plain torch."""
+    deepspeed = import_deepspeed()
+    shapes = dict(
+        img=cfg["img"], patch=cfg["patch"], chans=cfg["bands"], dim=cfg["dim"],
+        depth=cfg["depth"], heads=cfg["heads"], ddim=cfg["decoder_dim"],
+        ddepth=cfg["decoder_depth"], dheads=cfg["decoder_heads"],
+    )  # fmt: skip
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    images = s2_batch(cfg)["S2L2A"]["image"].to(device)
+
+    torch.manual_seed(0)
+    model = ref_cls(**shapes).to(dtype)  # buffers too: DeepSpeed casts parameters only
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
+    config = {
+        "train_micro_batch_size_per_gpu": cfg["batch"],
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": gpu},
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if gpu:
+        engine.compile()
+    ds_images = images.to(dtype)
+
+    def zero2() -> None:
+        loss = engine(ds_images)
+        engine.backward(loss)
+        engine.step()
+
+    torch.manual_seed(0)
+    plain = ref_cls(**shapes).to(device)
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), **ADAMW, fused=gpu)
+    forward = torch.compile(plain) if gpu else plain
+
+    def plain_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            loss = forward(images)
+        loss.backward()
+        plain_optimizer.step()
+        plain_optimizer.zero_grad(set_to_none=True)
+
+    return {"ref_zero2": zero2, "ref_plain": plain_step}
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    view = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch["S2L2A"].items()}
+    return {"S2L2A": view, "meta": batch["meta"]}
+
+
+def time_rounds(steps: dict[str, Callable[[], None]], cfg: dict, device) -> dict[str, list[float]]:
+    """Seconds per step of each model in every round, the order rotating per round."""
+    for step in steps.values():
+        for _ in range(cfg["warmup"]):
+            step()
+    names = list(steps)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(cfg["rounds"]):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(cfg["steps"]):
+                steps[name]()
+            sync(device)
+            seconds[name].append((time.perf_counter() - start) / cfg["steps"])
+    return seconds
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Measured bf16 matmul FLOP/s of this card (8192^3, best of 5)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        a @ a
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 8192**3 / best
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(cfg: dict, device: torch.device, ref_path: Path) -> dict:
+    steps = {"eoforge_zero2": eoforge_step(cfg, device)}
+    ref_cls = load_ref_mae(ref_path)
+    if ref_cls is None:
+        raise SystemExit(f"reference MAE not found at {ref_path}; pass --ref PATH/ref_mae.py")
+    steps |= ref_steps(cfg, device, ref_cls)
+    seconds = time_rounds(steps, cfg, device)
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    result = {
+        "seconds": seconds,
+        "ms_per_step": {n: 1e3 * s for n, s in medians.items()},
+        "img_per_s": {n: cfg["batch"] / s for n, s in medians.items()},
+        "ratio_to_ref_zero2": medians["ref_zero2"] / medians["eoforge_zero2"],
+        "ratio_to_ref_plain": medians["ref_plain"] / medians["eoforge_zero2"],
+    }
+    if device.type == "cuda":
+        flops = step_flops(steps["eoforge_zero2"])
+        peak = matmul_peak(device)
+        result |= {
+            "eoforge_flops_per_step": flops,
+            "bf16_matmul_peak_flop_s": peak,
+            "mfu": flops / medians["eoforge_zero2"] / peak,
+        }
+    return result
+
+
+def markdown(result: dict) -> str:
+    m, cfg, gate = result["measured"], result["config"], result["gate"]
+    device = result["device"]
+    lines = [
+        f"# MAE pretraining step: eoforge against the reference MAE, {device}",
+        "",
+        f"{result['date']}; torch {result['machine']['torch']}. ViT D={cfg['dim']}, depth "
+        f"{cfg['depth']}, patch {cfg['patch']}; decoder {cfg['decoder_dim']} x "
+        f"{cfg['decoder_depth']}; batch {cfg['batch']} x {cfg['bands']} bands x {cfg['img']}^2. "
+        f"Median over {cfg['rounds']} rounds of {cfg['steps']} step(s), the order rotating.",
+        "",
+        "| run | ms / step | img/s |",
+        "|---|---:|---:|",
+        *(
+            f"| {name} | {m['ms_per_step'][name]:.1f} | {m['img_per_s'][name]:.1f} |"
+            for name in m["ms_per_step"]
+        ),
+        "",
+        f"eoforge_zero2 is {m['ratio_to_ref_zero2']:.2f}x ref_zero2 and "
+        f"{m['ratio_to_ref_plain']:.2f}x ref_plain in img/s (step time "
+        f"{1 / m['ratio_to_ref_plain']:.2f}x the plain reference's).",
+    ]
+    if "mfu" in m:
+        lines.append(f"MFU of the eoforge step: {100 * m['mfu']:.1f}% of the measured bf16 peak.")
+    lines += [
+        "",
+        f"**Gate** (GPU): eoforge_zero2 >= {GATE}x ref_zero2: "
+        + ("PASS" if gate["pass"] else "FAIL")
+        + ("" if gate["gated"] else " (not gated on a CPU; reported)"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on a CPU, seconds")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--ref", type=Path, default=REF_MAE, help="path of ref_mae.py")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    cfg = dict(SMOKE if args.smoke else GPU if device.type == "cuda" else CPU)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    init_distributed()
+    measured = measure(cfg, device, args.ref)
+    gated = device.type == "cuda"
+    result = {
+        "benchmark": "mae_step",
+        "smoke": args.smoke,
+        "date": now(),
+        "device": torch.cuda.get_device_name() if gated else "CPU",
+        "machine": machine(torch.get_num_threads()),
+        "config": cfg,
+        "bands": [name for name, _ in S2_BANDS[: cfg["bands"]]],
+        "measured": measured,
+        "gate": {
+            "ratio": measured["ratio_to_ref_zero2"],
+            "gate": GATE,
+            "gated": gated,
+            "pass": measured["ratio_to_ref_zero2"] >= GATE,
+        },
+    }
+    write_results(args.out, "mae_step_smoke" if args.smoke else "mae_step", result, markdown)
+    return result
+
+
+if __name__ == "__main__":
+    main()
