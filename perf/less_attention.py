@@ -35,7 +35,7 @@ attention matrix, so its memory grows about linearly; the table also gives, for 
 memory of SDPA's math kernel, which does materialise it (measured up to ``--max-math-tokens``,
 then extrapolated the same way).
 
-Usage: ``python perf/less_attention.py [--smoke] [--out perf/results]``; writes
+Usage: ``python perf/less_attention.py [--smoke | --quick] [--out perf/results]``; writes
 less_attention.json, .md and .png into --out.
 """
 
@@ -61,6 +61,9 @@ from perf_report import machine, now, write_results
 
 FULL = dict(channels=(12, 50, 100, 202), patches=(64, 256, 1024), dim=96, heads=4, k=2, rank=8)
 FULL.update(max_full_tokens=16_384, max_math_tokens=7_000, gate=(202, 256), min_time_s=0.5)
+# The CPU set's run (perf/run_cpu.py): the same sweep with shorter timings and a smaller
+# measured full-attention range (more of it extrapolated), in about a minute.
+QUICK = dict(FULL, min_time_s=0.05, max_full_tokens=4_096, max_math_tokens=3_000)
 SMOKE = dict(channels=(3, 6), patches=(4, 16), dim=16, heads=2, k=2, rank=2)
 SMOKE.update(max_full_tokens=60, max_math_tokens=60, gate=(6, 16), min_time_s=0.0)
 PATCH, GSD, RADIUS_M = 8, 30.0, 640.0
@@ -379,10 +382,11 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, runs in seconds")
+    parser.add_argument("--quick", action="store_true", help="shorter timings, about a minute")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
-    cfg = dict(SMOKE if args.smoke else FULL)
+    cfg = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -423,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "less_attention",
         "smoke": args.smoke,
+        "quick": args.quick,
         "date": now(),
         "machine": machine(args.threads),
         "config": {**cfg, "patch": PATCH, "gsd": GSD, "radius_m": RADIUS_M, "batch": 1},

@@ -5,12 +5,13 @@ measure, each through its own script (which writes its own JSON and Markdown int
 |---|---|
 | 1. pretraining step (ratios; the gate is on a GPU: perf/gpu_check.sh) | mae_step.py |
 | 2. SelectiveMAE against MAE and the reference MAE | selective_mae.py |
-| 3. LESS attention against full attention | less_attention.py |
+| 3. LESS attention against full attention | less_attention.py (``--quick`` here) |
 | 4. data pipeline (reader per CPU core, ingest) | data_pipeline.py (``--copies 12`` here) |
 | 5. scaling on paper | scaling.py |
 | where the time goes | profile_step.py |
 
-Writes run_cpu.json and run_cpu.md (the summary table, with each script's seconds) into --out.
+Every script writes into --out (default ``perf/results/cpu_set``, beside, not over, the full
+runs' results), and so does the summary: run_cpu.json and run_cpu.md, with each script's seconds.
 
 Usage: ``python perf/run_cpu.py [--out perf/results] [--smoke]``.
 """
@@ -90,7 +91,7 @@ def _headline(r: dict) -> list[tuple[str, str, str]]:
 SET: list[tuple[str, list[str], Callable[[dict], list]]] = [
     ("mae_step", [], _mae_step),
     ("selective_mae", [], _selective),
-    ("less_attention", [], _less),
+    ("less_attention", ["--quick"], _less),
     ("data_pipeline", ["--copies", "12"], _data),
     ("scaling", [], _scaling),
     ("profile_step", [], _headline),
@@ -99,7 +100,7 @@ SET: list[tuple[str, list[str], Callable[[dict], list]]] = [
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PERF / "results")
+    parser.add_argument("--out", type=Path, default=PERF / "results" / "cpu_set")
     parser.add_argument("--smoke", action="store_true", help="every script at tiny sizes")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(PERF))
