@@ -3,14 +3,17 @@ launch verbs' checks, without a cluster (the real Slurm run is in test_slurm.py)
 
 from __future__ import annotations
 
+import glob
+import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
 from eoforge.launch.cli import main
 from eoforge.launch.config import ConfigError
-from eoforge.launch.distributed import detect_env, expand_hostlist, slurm_port
+from eoforge.launch.distributed import detect_env, expand_hostlist, free_port, slurm_port
 from eoforge.launch.slurm import SlurmJob, load_profile, render_script, time_limit_seconds
 
 SRUN_TASK = {
@@ -60,6 +63,22 @@ def test_batch_shell_and_plain_process_are_single_processes():
             0, 1, 0, "127.0.0.1",
         )  # fmt: skip
         assert env.master_port > 0
+
+
+def test_process_group_leaves_no_shared_memory_behind():
+    """DeepSpeed's inference all-reduce maps a 66 MiB /dev/shm segment per rank when LOCAL_SIZE
+    is set and never removes it; a training process must not create one."""
+    port = free_port()
+    env = os.environ | {"LOCAL_SIZE": "1", "DS_ACCELERATOR": "cpu"}
+    script = (
+        "import torch.distributed as dist\n"
+        "from eoforge.launch.distributed import DistEnv, init_distributed\n"
+        f"init_distributed(DistEnv(0, 1, 0, '127.0.0.1', {port}))\n"
+        "assert dist.is_initialized()\n"
+        "dist.destroy_process_group()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
 
 
 @pytest.mark.parametrize(
