@@ -19,16 +19,20 @@ dimension, found on its own.
   GDAL ``GeoTransform`` attribute. A cube without a CRS is ingested with an empty ``crs``, as a
   GeoTIFF without one is.
 * **Values**: raw values are kept (``mask_and_scale=False``), as GeoTIFF ingest keeps digital
-  numbers; the sensor registry's scale and offset apply to them. Nodata is the variable's
-  ``_FillValue``, ``missing_value`` or ``nodata`` attribute, else the sensor's registered nodata;
-  NaN and infinite values are invalid too.
+  numbers; the sensor registry's scale and offset apply to them. Nodata is the first of the
+  variable's ``_FillValue``, ``missing_value`` and ``nodata`` attributes that is not NaN (xarray
+  gives float variables a NaN ``_FillValue`` unasked, which must not hide a ``nodata``
+  attribute), else NaN where one of them is NaN, else the sensor's registered nodata; NaN and
+  infinite values are invalid too.
 * **Time**: each time step is one scene, with its time stamp (unix seconds, UTC) on every sample.
   The time coordinate must decode to datetimes (CF ``units`` such as
   ``"seconds since 1970-01-01"``).
 
 The cube is opened lazily with dask, chunked as stored; each tile reads only the chunks it
 overlaps, once (chunks that divide the tile size are read exactly once per build). Tiling,
-quality thresholds and the atomic shard writer are those of ``eoforge.datasets.ingest``.
+quality thresholds and the atomic shard writer are those of ``eoforge.datasets.ingest``: a time
+step without a valid pixel is skipped, which ``min_valid=0`` (keep every tile) finds out by
+reading each time step once more before tiling it.
 """
 
 from __future__ import annotations
@@ -320,6 +324,11 @@ def build_cube_shards(
             disable=not progress,
         )
         for scene in bar:
+            if min_valid == 0.0 and not scene.valid.any():
+                # min_valid=0 keeps tiles without a valid pixel, but a time step without any is
+                # skipped, as ingest skips such scenes; this costs one more read of it.
+                _count_invalid(scene, 0, False, summary)
+                continue
             invalid, any_valid = 0, False
             height, width = scene.image.shape[1:]
             for window, image, valid in tiles(scene, tile_size):
@@ -381,16 +390,28 @@ class _WindowReader:
         if self._key is None or self._key != key:
             # Synchronous: a tile is a few chunks, not worth a thread pool per read.
             raw = np.asarray(self.plane[key].compute(scheduler="synchronous"))
-            valid = np.isfinite(raw) if raw.dtype.kind == "f" else np.ones(raw.shape, dtype=bool)
-            if self.nodata is not None and not math.isnan(self.nodata):
-                valid &= raw != self.nodata
+            valid = _valid_mask(raw, self.nodata)
             image = np.where(valid, raw, np.nan) if self.dtype.kind == "f" else raw
             self._key, self._block = key, (image.astype(self.dtype, copy=False), valid)
         return self._block
 
+    def any_valid(self) -> bool:
+        """Whether any pixel of the time step is valid (reads it chunk by chunk)."""
+        valid = _valid_mask(self.plane, self.nodata)
+        return bool(valid.any().compute(scheduler="synchronous"))
+
+
+def _valid_mask(raw, nodata: float | None):
+    """Valid pixels of a numpy or dask array: finite, and not ``nodata``."""
+    valid = np.isfinite(raw) if raw.dtype.kind == "f" else np.ones_like(raw, dtype=bool)
+    if nodata is not None and not math.isnan(nodata):
+        valid &= raw != nodata
+    return valid
+
 
 class _LazyArray:
-    """The image (part 0) or valid mask (part 1) of a ``_WindowReader``: shape, dtype, slicing."""
+    """The image (part 0) or valid mask (part 1) of a ``_WindowReader``: shape, dtype, slicing
+    and, for the mask, ``any``."""
 
     ndim = 3
 
@@ -402,6 +423,11 @@ class _LazyArray:
 
     def __getitem__(self, key) -> np.ndarray:
         return self._reader.read(key if isinstance(key, tuple) else (key,))[self._part]
+
+    def any(self) -> bool:
+        if self._part != 1:
+            raise TypeError("any() is defined for the valid mask only")
+        return self._reader.any_valid()
 
 
 def _count_invalid(scene: Scene, invalid: int, any_valid: bool, summary: dict) -> None:
@@ -539,7 +565,7 @@ def _crs(dataset: xr.Dataset, array: xr.DataArray, path: Path) -> str:
             return CRS.from_user_input(
                 value.item() if hasattr(value, "item") else value
             ).to_string()
-        except CRSError as exc:
+        except (CRSError, ValueError) as exc:  # "EPSG:<not a number>" is a ValueError
             raise DataError(f"{path}: {where} {value!r} is not a CRS (WKT or EPSG): {exc}") from exc
     return ""
 
@@ -574,14 +600,19 @@ def _spacing(values: np.ndarray, dim: str, path: Path) -> tuple[float, float]:
 
 
 def _nodata(array: xr.DataArray, sensor: Sensor, path: Path) -> float | None:
+    declared = []
     for attr in NODATA_ATTRS:
         value = array.attrs.get(attr, array.encoding.get(attr))
-        if value is not None:
-            try:
-                return float(np.asarray(value).ravel()[0])
-            except (TypeError, ValueError) as exc:
-                raise DataError(f"{path}: {attr} attribute {value!r} is not a number") from exc
-    return sensor.nodata
+        if value is None:
+            continue
+        try:
+            declared.append(float(np.asarray(value).ravel()[0]))
+        except (TypeError, ValueError, IndexError) as exc:  # IndexError: an empty list
+            raise DataError(f"{path}: {attr} attribute {value!r} is not a number") from exc
+    numbers = [v for v in declared if not math.isnan(v)]
+    if numbers:
+        return numbers[0]
+    return declared[0] if declared else sensor.nodata
 
 
 def _fits(value: float, dtype: np.dtype) -> bool:

@@ -403,8 +403,8 @@ def read_scene(scene: SceneSource, *, gsd: float | None = None, grid: Grid | Non
             co-register the two); pixels it covers outside the scene's footprint are invalid.
 
     Raises:
-        DataError: when a file cannot be read, bands on different grids lack a CRS, or both
-            ``gsd`` and ``grid`` are given.
+        DataError: when a file cannot be read or holds complex pixels, bands on different grids
+            lack a CRS, or both ``gsd`` and ``grid`` are given.
     """
     if gsd is not None and grid is not None:
         raise DataError(f"{scene.source}: pass gsd or grid, not both")
@@ -415,7 +415,7 @@ def read_scene(scene: SceneSource, *, gsd: float | None = None, grid: Grid | Non
         try:
             with rasterio.open(member.path) as ds:
                 grids[member.path] = Grid(ds.crs, ds.transform, ds.height, ds.width)
-                dtypes[member.path] = np.dtype(ds.dtypes[member.index - 1])
+                dtypes[member.path] = _real_dtype(ds.dtypes[member.index - 1], member)
                 nodatas[member.path] = ds.nodata if ds.nodata is not None else scene.sensor.nodata
         except RasterioIOError as exc:
             raise DataError(f"cannot read {member.path}: {exc}") from exc
@@ -457,6 +457,17 @@ def read_scene(scene: SceneSource, *, gsd: float | None = None, grid: Grid | Non
         nodata=float(fill) if fill is not None else None,
         files=tuple(str(m.path) for m in scene.members),
     )
+
+
+def _real_dtype(name: str, member: BandFile) -> np.dtype:
+    """The numpy dtype of a band; complex bands (SAR SLC products; GDAL's ``CInt16`` has no numpy
+    dtype at all) are refused rather than cast to their real part."""
+    if "complex" in name:
+        raise DataError(
+            f"{member.path}: band {member.index} ({member.band.name}) holds complex pixels "
+            f"({name}), which eoforge does not read; convert them to amplitude or intensity first"
+        )
+    return np.dtype(name)
 
 
 def _valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import mmap
 import os
 import re
 import tarfile
+import tokenize
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -56,6 +58,7 @@ _NPY_HEADERS = {
 # MAP_POPULATE maps the whole shard up front: one call instead of a page fault per 4 KiB read.
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _NPY_HEADER_CACHE: dict[bytes, tuple] = {}
+_PIPE_PIECE = 64 * 2**20  # bytes of a tar member read from a pipe at once
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -114,14 +117,47 @@ def decode_sample(raw: dict) -> tuple[np.ndarray, np.ndarray, dict]:
         ``(image [C, H, W] in its stored dtype, valid bool [C, H, W], meta dict)``; where no
         valid mask was stored every pixel is valid, and non-finite float pixels are always invalid.
         The arrays may be read-only views of the member bytes.
+
+    Raises:
+        DataError: naming the sample and shard for a missing or unreadable member, or metadata
+            whose ``band_ids`` do not count the image's channels.
     """
-    if META not in raw:
-        raise DataError(
-            f"{_where(raw)} has no .{META} member; rebuild the shards (eoforge data build)"
-        )
-    meta = json.loads(raw[META])
+    meta = load_meta(raw)
     image, valid = decode_arrays(raw)
+    _check_band_ids(meta.get("band_ids"), image.shape[0], _where(raw))
     return image, np.ones(image.shape, dtype=bool) if valid is None else valid, meta
+
+
+def load_meta(raw: dict) -> dict:
+    """The ``.json`` member of a raw sample as a dict.
+
+    Raises:
+        DataError: naming the sample and shard when the member is missing, is not JSON (a
+            corrupt shard) or is not a JSON object.
+    """
+    where = _where(raw)
+    if META not in raw:
+        raise DataError(f"{where} has no .{META} member; rebuild the shards (eoforge data build)")
+    try:
+        meta = json.loads(bytes(raw[META]))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(
+            f"{where}: .{META} member is not JSON ({exc}); the shard is corrupt"
+        ) from None
+    if not isinstance(meta, dict):
+        raise DataError(
+            f"{where}: .{META} member holds a {type(meta).__name__}, not an object; "
+            "the shard is corrupt"
+        )
+    return meta
+
+
+def _check_band_ids(band_ids, channels: int, where: str) -> None:
+    if not isinstance(band_ids, list) or len(band_ids) != channels:
+        raise DataError(
+            f"{where}: metadata band_ids {band_ids!r} do not name the image's {channels} "
+            "channels; the shard is corrupt"
+        )
 
 
 def decode_arrays(raw: dict) -> tuple[np.ndarray, np.ndarray | None]:
@@ -132,12 +168,14 @@ def decode_arrays(raw: dict) -> tuple[np.ndarray, np.ndarray | None]:
             f"{_where(raw)} has no .{IMAGE} member; rebuild the shards (eoforge data build)"
         )
     image = load_npy(raw[IMAGE], f"{_where(raw)}, .{IMAGE}")
+    _check_image(image, (3,), f"{_where(raw)}, .{IMAGE}")
     valid = None
     if VALID in raw:
         valid = load_npy(raw[VALID], f"{_where(raw)}, .{VALID}")
-        if valid.shape != image.shape:
+        if valid.shape != image.shape or valid.dtype != np.bool_:
             raise DataError(
-                f"{_where(raw)}: valid mask {valid.shape} does not match image {image.shape}"
+                f"{_where(raw)}: valid mask {valid.dtype} {valid.shape} does not match image "
+                f"{image.shape} (expected bool)"
             )
     if np.issubdtype(image.dtype, np.floating):
         finite = np.isfinite(image)
@@ -147,6 +185,17 @@ def decode_arrays(raw: dict) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _where(raw: dict) -> str:
     return f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+
+
+def _check_image(image: np.ndarray, ndims: tuple[int, ...], where: str) -> None:
+    """DataError unless a decoded image has one of ``ndims`` dimensions and a stored dtype (a
+    corrupt npy header can declare any shape or dtype its bytes happen to fit)."""
+    if image.ndim not in ndims or image.dtype not in STORED_DTYPES:
+        shape = " or ".join(("[C, H, W]", "[T, C, H, W]")[n - 3] for n in ndims)
+        raise DataError(
+            f"{where} holds {image.dtype} {image.shape}; expected {shape} in one of "
+            f"{', '.join(str(d) for d in STORED_DTYPES)}; the shard is corrupt"
+        )
 
 
 def is_group(meta: dict) -> bool:
@@ -221,14 +270,19 @@ def decode_group(raw: dict) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | N
     Returns:
         ``({sensor: (image in its stored dtype, valid bool) or None where absent}, meta)``;
         non-finite float pixels are always invalid. The arrays may be read-only views.
+
+    Raises:
+        DataError: naming the sample, shard and sensor for a missing or unreadable member, or
+            metadata that does not describe the arrays.
     """
-    where = f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
-    if META not in raw:
-        raise DataError(f"{where} has no .{META} member; rebuild the shards (eoforge data build)")
-    meta = json.loads(raw[META])
+    where = _where(raw)
+    meta = load_meta(raw)
+    sensors = meta.get("sensors", {})
+    if not isinstance(sensors, dict) or not all(isinstance(r, dict) for r in sensors.values()):
+        raise DataError(f"{where}: metadata sensors {sensors!r} is not an object of objects")
     members = {name.lower(): value for name, value in raw.items()}
     views: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
-    for sensor, row in meta.get("sensors", {}).items():
+    for sensor, row in sensors.items():
         if not row.get("present"):
             views[sensor] = None
             continue
@@ -236,15 +290,17 @@ def decode_group(raw: dict) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | N
         if name not in members:
             raise DataError(f"{where}: sensor {sensor} is present but has no .{name} member")
         image = load_npy(members[name], f"{where}, .{name}")
+        _check_image(image, (3, 4), f"{where}, .{name}")
+        _check_band_ids(row.get("band_ids"), image.shape[-3], f"{where}, sensor {sensor}")
         mask = members.get(group_member(sensor, VALID))
         if mask is None:
             valid = np.ones(image.shape, dtype=bool)
         else:
             valid = load_npy(mask, f"{where}, .{group_member(sensor, VALID)}")
-            if valid.shape != image.shape:
+            if valid.shape != image.shape or valid.dtype != np.bool_:
                 raise DataError(
-                    f"{where}: sensor {sensor}'s valid mask {valid.shape} does not match its "
-                    f"image {image.shape}"
+                    f"{where}: sensor {sensor}'s valid mask {valid.dtype} {valid.shape} does not "
+                    f"match its image {image.shape} (expected bool)"
                 )
         if np.issubdtype(image.dtype, np.floating):
             valid = valid & np.isfinite(image)
@@ -255,9 +311,10 @@ def decode_group(raw: dict) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | N
 def sample_views(raw: dict) -> list[tuple[str, np.ndarray, np.ndarray, list[str]]]:
     """``(sensor, image, valid, band_ids)`` of every sensor present in a raw sample, single-sensor
     or group: what statistics need from either format."""
-    meta = json.loads(raw[META]) if META in raw else {}
-    if not is_group(meta):
+    if not is_group(load_meta(raw)):
         image, valid, meta = decode_sample(raw)
+        if not isinstance(meta.get("sensor"), str):
+            raise DataError(f"{_where(raw)}: metadata sensor {meta.get('sensor')!r} is not a name")
         return [(meta["sensor"], image, valid, list(meta["band_ids"]))]
     views, meta = decode_group(raw)
     return [
@@ -276,9 +333,17 @@ def load_npy(data: bytes, where: str) -> np.ndarray:
     """
     try:
         shape, fortran, dtype, offset = _npy_header(data)
-        count = int(np.prod(shape, dtype=np.int64))
+        if any(n < 0 for n in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+        # Python ints: a corrupt header's huge dimensions would overflow an int64 product.
+        count = math.prod(shape)
+        if count * dtype.itemsize > len(data) - offset:
+            raise ValueError(
+                f"shape {shape} of {dtype} needs {count * dtype.itemsize} bytes, "
+                f"{len(data) - offset} are stored"
+            )
         array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    except ValueError as exc:
+    except (ValueError, SyntaxError, tokenize.TokenError) as exc:  # numpy parses with literal_eval
         raise DataError(f"{where} is not a readable npy array: {exc}") from None
     return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
@@ -320,9 +385,13 @@ def read_index(folder: str | Path) -> dict:
         raise DataError(
             f"{folder} has no {INDEX_FILE}; build shards there first: eoforge data build SRC {folder}"
         )
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT:
-        raise DataError(f"{path} is not an eoforge shard index (format {index.get('format')!r})")
+    try:
+        index = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{path} is not JSON ({exc}); rebuild the shards") from None
+    kind = index.get("format") if isinstance(index, dict) else type(index).__name__
+    if kind != FORMAT:
+        raise DataError(f"{path} is not an eoforge shard index (format {kind!r})")
     return index
 
 
@@ -426,13 +495,19 @@ def iter_tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]
     read with one call: tarfile's stream mode copies it in 10 KiB pieces, about 5x slower.
 
     Raises:
-        DataError: naming ``where`` for a corrupt header, a compressed or truncated tar.
+        DataError: naming ``where`` for a corrupt header, a compressed or truncated tar (one
+            that ends without its end-of-archive block, even between members: it would
+            otherwise pass for a shard holding fewer samples, or a sample missing members).
     """
     override: dict[str, str] = {}
     while True:
         header = bytes(stream.read(tarfile.BLOCKSIZE))
-        if not header or header == _EMPTY_BLOCK:
-            return  # end-of-archive blocks, or the end of a writer that left them out
+        if header == _EMPTY_BLOCK:
+            return  # the end-of-archive blocks
+        if not header:
+            raise DataError(
+                f"{where} is truncated: it ends without the end-of-archive block of a tar"
+            )
         if header[:2] == _GZIP_MAGIC:
             raise DataError(
                 f"{where} is gzip-compressed; shards are plain tar: decompress it, or read it "
@@ -441,8 +516,10 @@ def iter_tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]
         if len(header) < tarfile.BLOCKSIZE:
             raise DataError(f"{where} is truncated: it ends inside a tar header")
         name, size, kind = _ustar_header(header) or _any_header(header, where)
-        size = int(override.get("size", size))
-        data = stream.read(size) if size else b""
+        size = int(override.get("size", size))  # _pax_records checked it is a decimal number
+        if size < 0:  # a base-256 size field can be negative
+            raise DataError(f"{where}: member {name!r} has size {size}; the shard is corrupt")
+        data = _read_payload(stream, size) if size else b""
         padding = -size % tarfile.BLOCKSIZE
         if len(data) < size or len(stream.read(padding)) < padding:
             raise DataError(f"{where} is truncated inside member {name!r}")
@@ -462,6 +539,20 @@ def iter_tar_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]
             override = {}
             if kind in tarfile.REGULAR_TYPES:
                 yield name, data
+
+
+def _read_payload(stream: BinaryIO | _MappedFile, size: int) -> bytes | memoryview:
+    """``size`` bytes of ``stream`` (fewer at its end). A pipe's ``read(n)`` allocates ``n``
+    bytes first, so a corrupt size field (up to 8 GiB in a ustar header, any number in a pax
+    record) would raise MemoryError: large payloads of pipes are read in pieces, and a wrong
+    size ends as a truncation error. A mapped file's read allocates nothing."""
+    if size <= _PIPE_PIECE or isinstance(stream, _MappedFile):
+        return stream.read(size)
+    pieces, left = [], size
+    while left and (piece := stream.read(min(left, _PIPE_PIECE))):
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)
 
 
 def _ustar_header(block: bytes) -> tuple[str, int, bytes] | None:
@@ -504,9 +595,15 @@ def _pax_records(data: bytes, where: str) -> dict[str, str]:
         while pos < len(data) and data[pos] != 0:
             length, _, _ = data[pos : pos + 20].partition(b" ")
             end = pos + int(length)
+            # A record holds its length, a space and a newline: a shorter one (0, negative)
+            # would never advance ``pos``.
+            if not pos + len(length) + 2 <= end <= len(data):
+                raise ValueError(f"record length {int(length)} at offset {pos}")
             key, _, value = data[pos + len(length) + 1 : end - 1].partition(b"=")
             records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
             pos = end
-    except ValueError:
-        raise DataError(f"{where}: bad pax header; the shard is corrupt") from None
+        if "size" in records and not re.fullmatch(r"[0-9]+", records["size"]):
+            raise ValueError(f"size {records['size']!r}")
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise DataError(f"{where}: bad pax header ({exc}); the shard is corrupt") from None
     return records
