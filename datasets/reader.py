@@ -43,6 +43,16 @@ source's (epoch, shard, offset) after the last batch handed out, and which worke
 ``load_state_dict`` continues from there: shards before the position are not opened, samples
 before the offset within its shard are read but never decoded, and the batches that follow are
 those an uninterrupted stream gives, so within an epoch no sample is repeated or skipped.
+
+Bad data (``eoforge.datasets.sample_checks``): every sample is checked before it joins a batch;
+an undecodable one, one whose band count disagrees with its metadata, one with NaN/Inf at a valid
+pixel or one without any valid pixel is skipped, counted under its reason and logged (logger
+``eoforge``) with its shard and key. A shard that breaks off (truncated or corrupt tar) gives the
+samples before the damage, counts once as ``truncated_shard``, is logged, and reading goes on
+with the next shard; it breaks at the same place on every read, so positions stay exact. A
+worker's counts, ``{"samples": read, "bad": {reason: n}}``, are cumulative and part of its
+position (saved by ``state_dict``, zero for positions saved without them); ``health()`` sums
+them, and more bad samples than ``max_bad_fraction`` of those read stops the stream.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import random
 from collections import deque
@@ -63,6 +74,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from eoforge.datasets.batching import BufferRing, collate, direct_batch, finish_batch
 from eoforge.datasets.errors import DataError
+from eoforge.datasets.sample_checks import REASONS, TRUNCATED_SHARD, sample_problem
 from eoforge.datasets.shards import (
     META,
     decode_group,
@@ -79,6 +91,8 @@ Transform = Callable[[dict, torch.Generator], dict]
 STATE_VERSION = 1
 PREFETCH = 2  # batches a DataLoader worker may run ahead of the consumer
 RING = PREFETCH + 2  # a worker's reused buffers per batch shape (see BufferRing)
+MAX_BAD_FRACTION_KEY = "data.max_bad_fraction"  # the config key named when the limit stops a run
+LOG = logging.getLogger("eoforge")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -231,6 +245,11 @@ class ShardStream:
             batches over in their stored dtype, and they are moved here and normalised here
             (the training device: half the bytes to copy, and no normalisation on CPU cores).
             Default: normalised on the CPU of the consuming process.
+        max_bad_fraction: the stream raises DataError once more than this fraction of the
+            samples read on this rank were bad (``health()``; ``truncated_shard`` counts as one
+            bad sample), but only from ``max_bad_fraction * samples >= 1`` on, so that one bad
+            sample among the first few read does not stop a run; 0 stops at the first bad
+            sample.
 
     Example:
         >>> stream = ShardStream(["shards/s2", "shards/s1"], Normaliser.from_files(
@@ -254,6 +273,7 @@ class ShardStream:
         sensor_weights: Mapping[str, float] | None = None,
         transform: Transform | None = None,
         device: torch.device | str | None = None,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         if batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
             raise DataError(
@@ -267,6 +287,8 @@ class ShardStream:
         for name, weight in (sensor_weights or {}).items():
             if not weight >= 0:
                 raise DataError(f"sensor_weights[{name}]={weight}: must be >= 0")
+        if not 0 <= max_bad_fraction <= 1:
+            raise DataError(f"max_bad_fraction={max_bad_fraction}: must be between 0 and 1")
         self.urls = urls
         self.normaliser = normaliser
         self.batch_size = batch_size
@@ -278,9 +300,11 @@ class ShardStream:
         self.sensor_weights = dict(sensor_weights) if sensor_weights else None
         self.transform = transform
         self.device = device
+        self.max_bad_fraction = max_bad_fraction
         self._sources: list[Source] | None = None
-        self._workers = [{"draws": 0, "sources": {}} for _ in range(max(1, num_workers))]
+        self._workers = [_start_position() for _ in range(max(1, num_workers))]
         self._next_worker = 0
+        self._epoch_counts = _no_counts()  # of epoch_batches passes, which move no position
 
     def shard_sets(self) -> list[ShardSet]:
         """The shard sets read (one unless ``urls`` is a mixture)."""
@@ -331,8 +355,9 @@ class ShardStream:
         return order[rank::world_size][worker::workers]
 
     def state_dict(self) -> dict:
-        """This rank's position: per worker, the draws made and each source's next
-        (epoch, shard, offset) after the last batch handed out by ``iter_batches``."""
+        """This rank's position: per worker, the draws made, each source's next
+        (epoch, shard, offset) and the samples read and bad (module docstring) after the last
+        batch handed out by ``iter_batches``."""
         rank, world_size = self._rank()
         return {
             "version": STATE_VERSION,
@@ -373,23 +398,111 @@ class ShardStream:
         self._workers = copy.deepcopy(state["workers"])
         self._next_worker = int(state["next_worker"])
 
+    def remapped_state(self, saved: Sequence[dict]) -> dict:
+        """A ``state_dict`` for this rank that continues the positions ``saved`` by every rank
+        of a run with another world size or worker count (one ``state_dict`` per old rank).
+
+        Per source, the epoch continued is the earliest any old worker was in; what its workers
+        had not read of it (each one's current shard from its offset, then its later shards) is
+        dealt out anew over this run's ranks and workers, as an explicit plan of (shard, offset)
+        for that epoch; later epochs follow the usual layout. Within the continued epoch no
+        sample is read twice or skipped. A worker that had already moved on to the next epoch
+        reads that epoch's first samples again. The bad-data counts of every old worker are
+        carried by rank 0's first worker.
+
+        Raises:
+            DataError: when the saved positions do not come from one run with this stream's
+                seed, batch size and shuffle buffer.
+        """
+        for key in ("version", "seed", "batch_size", "shuffle_buffer"):
+            found = {state.get(key) for state in saved}
+            if found != {self.state_dict()[key]}:
+                raise DataError(
+                    f"the saved data positions have {key} {sorted(found, key=str)} but this stream "
+                    f"has {key}={self.state_dict()[key]}; resume with the data settings of the run "
+                    "that saved them"
+                )
+        rank, world_size = self._rank()
+        workers = [_start_position() for _ in range(max(1, self.num_workers))]
+        for source in self.sources():
+            epoch, remaining = _unread(self, source, saved)
+            mine = remaining[rank::world_size]
+            for w, position in enumerate(workers):
+                plan = mine[w :: len(workers)]
+                position["sources"][source.key] = (
+                    {"epoch": epoch, "shard": 0, "offset": plan[0][1], "plan": plan}
+                    if plan
+                    else {"epoch": epoch + 1, "shard": 0, "offset": 0}
+                )
+        if rank == 0:
+            for state in saved:
+                for old in state["workers"]:
+                    workers[0]["samples"] += old.get("samples", 0)
+                    for reason, n in old.get("bad", {}).items():
+                        workers[0]["bad"][reason] = workers[0]["bad"].get(reason, 0) + n
+        return {**self.state_dict(), "next_worker": 0, "workers": workers}
+
+    def health(self) -> dict:
+        """The bad data met on this rank: the samples read and those skipped as bad by the
+        batches handed out, cumulative over the run (``iter_batches``, kept in the position) and
+        over the ``epoch_batches`` passes of this object.
+
+        Returns:
+            ``{"samples": read, "bad": {reason: n} for every reason of
+            ``sample_checks.REASONS``, "bad_fraction": total bad / samples (0 before any)}``.
+        """
+        tallies = [self._epoch_counts, *self._workers]
+        samples = sum(t.get("samples", 0) for t in tallies)
+        bad = {r: sum(t.get("bad", {}).get(r, 0) for t in tallies) for r in REASONS}
+        fraction = sum(bad.values()) / samples if samples else 0.0
+        return {"samples": samples, "bad": bad, "bad_fraction": fraction}
+
+    def _check_health(self) -> None:
+        """DataError when bad samples exceed ``max_bad_fraction`` (the rule in the class
+        docstring)."""
+        health = self.health()
+        samples, bad, limit = health["samples"], sum(health["bad"].values()), self.max_bad_fraction
+        if bad > limit * samples and (limit == 0 or limit * samples >= 1):
+            rank, world_size = self._rank()
+            reasons = ", ".join(f"{r} {n}" for r, n in health["bad"].items() if n)
+            raise DataError(
+                f"{bad} of {samples} samples read on rank {rank} of {world_size} were bad "
+                f"({reasons}): more than {MAX_BAD_FRACTION_KEY}={limit} allows; see the rank logs "
+                "for each shard and key. Repair or rebuild those shards (eoforge data verify "
+                f"finds them), or raise {MAX_BAD_FRACTION_KEY}."
+            )
+
     def epoch_batches(self, epoch: int, finish: bool = True) -> Iterator[dict]:
         """The batches of one epoch of every source on this rank (finite; may be empty); the
         stream's position is neither used nor moved. ``finish=False`` gives them as workers hand
         them over, for a consumer that runs ``batching.finish_batch`` itself on each before it
-        takes the next (their tensors may be buffers a worker reuses: see ``BufferRing``)."""
+        takes the next (their tensors may be buffers a worker reuses: see ``BufferRing``).
+        Bad samples are skipped and counted in ``health()`` as ``iter_batches`` does.
+
+        Raises:
+            DataError: when the bad samples exceed ``max_bad_fraction``.
+        """
         keep = self._keep()
+        seen: dict[int, dict] = {}  # each worker's counts of this pass so far
         for batch in self._loader(epoch):
-            batch["meta"].pop("stream")
-            yield finish_batch(batch, self.device, keep) if finish else batch
+            stream = batch["meta"].pop("stream")
+            before = seen.get(stream["worker"], _no_counts())
+            self._epoch_counts["samples"] += stream["samples"] - before["samples"]
+            bad = self._epoch_counts["bad"]
+            for reason, n in stream["bad"].items():
+                bad[reason] = bad.get(reason, 0) + n - before["bad"].get(reason, 0)
+            seen[stream["worker"]] = stream
+            self._check_health()
+            if len(batch) > 1:  # not a worker's closing counts
+                yield finish_batch(batch, self.device, keep) if finish else batch
 
     def iter_batches(self) -> Iterator[dict]:
         """Batches forever from the current position (the start, or what ``load_state_dict``
         set), moving the position with every batch handed out.
 
         Raises:
-            DataError: when this rank has no shard, or a source's epoch yields no batch on a
-                worker.
+            DataError: when this rank has no shard, a source's epoch yields no batch on a
+                worker, or the bad samples exceed ``max_bad_fraction``.
         """
         self._check_rank_has_shards()
         keep = self._keep()
@@ -398,6 +511,7 @@ class ShardStream:
             worker = stream.pop("worker")
             self._workers[worker] = stream
             self._next_worker = (worker + 1) % len(self._workers)
+            self._check_health()
             yield finish_batch(batch, self.device, keep)
 
     def _keep(self) -> deque:
@@ -423,7 +537,9 @@ class ShardStream:
 
     def worker_batches(self, epoch: int | None, rank: int, world_size: int) -> Iterator[dict]:
         """One worker's batches (run inside the worker): of one epoch, or forever from the
-        position; each batch's meta carries the worker's position after it under ``"stream"``."""
+        position; each batch's meta carries the worker's position after it under ``"stream"``
+        (for one epoch: its counts of this pass). One epoch ends with ``{"meta": {"stream"}}``
+        alone: the counts of the samples read after the last batch."""
         info = get_worker_info()
         workers = info.num_workers if info else 1
         # A new DataLoader starts its round robin at worker 0: rotating the ids makes worker 0
@@ -432,6 +548,9 @@ class ShardStream:
         worker = ((info.id if info else 0) + start) % workers
         saved = self._workers[worker]
         buffers = BufferRing(RING)
+        counts = _no_counts()
+        if epoch is None:  # positions saved before counts existed have none: they start at 0
+            counts = {"samples": saved.get("samples", 0), "bad": dict(saved.get("bad", {}))}
         readers = {}
         for source in self.sources():
             layout = (rank, world_size, worker, workers)
@@ -439,7 +558,7 @@ class ShardStream:
                 position = saved["sources"].get(source.key, {"epoch": 0, "shard": 0, "offset": 0})
                 if epoch is not None:
                     position = {"epoch": epoch, "shard": 0, "offset": 0}
-                readers[source.key] = _SourceReader(self, source, layout, position, buffers)
+                readers[source.key] = _SourceReader(self, source, layout, position, buffers, counts)
         draws = saved["draws"] if epoch is None else 0
         while readers:
             keys = list(readers)
@@ -451,9 +570,19 @@ class ShardStream:
                 if epoch is not None:
                     del readers[key]  # this source's epoch is done; the others go on
                 continue
-            sources = {k: r.position() for k, r in readers.items()}
-            batch["meta"]["stream"] = {"worker": worker, "draws": draws, "sources": sources}
+            batch["meta"]["stream"] = {
+                "worker": worker,
+                "draws": draws,
+                "sources": {k: r.position() for k, r in readers.items()},
+                "samples": counts["samples"],
+                "bad": dict(counts["bad"]),
+            }
             yield batch
+        if epoch is not None:
+            # The epoch's tail (an incomplete batch, bad samples, a broken shard) was read after
+            # the last batch; a stream that goes on counts it with its next batch instead.
+            stream = {"worker": worker, "samples": counts["samples"], "bad": dict(counts["bad"])}
+            yield {"meta": {"stream": stream}}
 
     def make_batch(
         self, raws: Sequence[dict], epoch: int, buffers: BufferRing | None = None
@@ -478,16 +607,27 @@ class ShardStream:
 
     def shard_samples(self, url: str, epoch: int) -> Iterator[dict]:
         """Raw samples of one shard, shuffled within the shard by a buffer seeded by
-        (seed, epoch, shard): the same order whenever the shard is read again."""
+        (seed, epoch, shard): the same order whenever the shard is read again.
+
+        Raises:
+            DataError: where the shard breaks off (truncated, corrupt), after the samples read
+                before the damage, those in the buffer included.
+        """
         rng = random.Random(f"{self.seed}:{epoch}:{url}")
         buffer: list[dict] = []
-        for raw in iter_tar_samples(url):
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(raw)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], raw = raw, buffer[i]
-            yield raw
+        try:
+            for raw in iter_tar_samples(url):
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(raw)
+                    continue
+                i = rng.randrange(len(buffer))
+                buffer[i], raw = raw, buffer[i]
+                yield raw
+        except DataError:
+            # The samples read before the damage are good: hand them over, then the error.
+            rng.shuffle(buffer)
+            yield from buffer
+            raise
         rng.shuffle(buffer)
         yield from buffer
 
@@ -533,7 +673,9 @@ class _Batches(IterableDataset):
 
 
 class _SourceReader:
-    """One worker's share of one source, read batch by batch from a position, epoch after epoch."""
+    """One worker's share of one source, read batch by batch from a position, epoch after epoch.
+    Bad samples and broken shards are skipped, logged and added to ``counts`` (the worker's
+    ``{"samples", "bad"}``, shared by its sources)."""
 
     def __init__(
         self,
@@ -542,23 +684,47 @@ class _SourceReader:
         layout: tuple,
         position: dict,
         buffers: BufferRing,
+        counts: dict,
     ):
         self.stream, self.source, self.layout, self.buffers = stream, source, layout, buffers
+        self.counts = counts
         self.epoch, self.shard, self.offset = (position[k] for k in ("epoch", "shard", "offset"))
+        # [[shard, first offset], ...]: this epoch's shards when a position was remapped to
+        # another world size (ShardStream.remapped_state); None: the usual layout.
+        self.plan = position.get("plan")
         self._samples: Iterator | None = None
         self._from_start = False
         self._produced = False
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset}
+        position = {"epoch": self.epoch, "shard": self.shard, "offset": self.offset}
+        return position if self.plan is None else {**position, "plan": self.plan}
 
     def _raw(self) -> Iterator[tuple[int, int, dict]]:
-        shards = self.stream.worker_shards(self.source, self.epoch, *self.layout)
+        if self.plan is None:
+            shards = self.stream.worker_shards(self.source, self.epoch, *self.layout)
+            starts = [0] * len(shards)
+        else:
+            shards, starts = [url for url, _ in self.plan], [offset for _, offset in self.plan]
         for j in range(self.shard, len(shards)):  # shards before the position are not opened
-            skip = self.offset if j == self.shard else 0
-            for n, raw in enumerate(self.stream.shard_samples(shards[j], self.epoch)):
-                if n >= skip:  # samples before the offset are read, never decoded
-                    yield j, n + 1, raw
+            skip = self.offset if j == self.shard else starts[j]
+            try:
+                for n, raw in enumerate(self.stream.shard_samples(shards[j], self.epoch)):
+                    if n >= skip:  # samples before the offset are read, never decoded
+                        yield j, n + 1, raw
+            except DataError as err:
+                # The samples before the damage were used; it breaks there on every read.
+                self._count_bad(TRUNCATED_SHARD)
+                LOG.warning(
+                    "skipped the rest of shard %s (%s): %s; reading goes on with the next shard",
+                    shards[j],
+                    TRUNCATED_SHARD,
+                    err,
+                )
+
+    def _count_bad(self, reason: str) -> None:
+        bad = self.counts["bad"]
+        bad[reason] = bad.get(reason, 0) + 1
 
     def next_batch(self, strict: bool) -> dict | None:
         """The next batch of the current epoch; None at the epoch's end (the position then moves
@@ -569,6 +735,21 @@ class _SourceReader:
             self._produced = False
         raws = []
         for j, n, raw in self._samples:
+            # Counts move with the position, both taken at batch boundaries: a bad sample after
+            # the last batch handed out is read and counted again on resume, as it would be
+            # without the interruption.
+            self.counts["samples"] += 1
+            problem = sample_problem(raw)
+            if problem is not None:
+                self._count_bad(problem.reason)
+                LOG.warning(
+                    "skipped sample %s of shard %s (%s): %s",
+                    raw.get("__key__"),
+                    raw.get("__url__"),
+                    problem.reason,
+                    problem.detail,
+                )
+                continue
             raws.append(raw)
             if len(raws) == self.stream.batch_size:
                 self.shard, self.offset, self._produced = j, n, True
@@ -576,8 +757,46 @@ class _SourceReader:
         if strict and self._from_start and not self._produced:
             raise self.stream.empty_epoch_error(self.source, self.epoch, self.layout)
         self._samples = None
-        self.epoch, self.shard, self.offset = self.epoch + 1, 0, 0
+        self.epoch, self.shard, self.offset, self.plan = self.epoch + 1, 0, 0, None
         return None
+
+
+def _unread(stream: ShardStream, source: Source, saved: Sequence[dict]) -> tuple[int, list]:
+    """(the earliest epoch of ``source`` any saved worker was in, what its workers had left of
+    it as [[shard, offset], ...]) from the positions of every old rank (``remapped_state``)."""
+    positions = []
+    for state in saved:
+        workers = max(1, state["num_workers"])
+        for w, worker in enumerate(state["workers"]):
+            layout = (state["rank"], state["world_size"], w, workers)
+            if not stream.worker_shards(source, 0, *layout):
+                continue  # that worker never read this source
+            start = {"epoch": 0, "shard": 0, "offset": 0}
+            positions.append((layout, worker["sources"].get(source.key, start)))
+    if not positions:
+        return 0, []
+    epoch = min(position["epoch"] for _, position in positions)
+    remaining = []
+    for layout, position in positions:
+        if position["epoch"] != epoch:
+            continue  # done with this epoch
+        plan = position.get("plan") or [
+            [url, 0] for url in stream.worker_shards(source, epoch, *layout)
+        ]
+        j = position["shard"]
+        if j < len(plan):
+            remaining += [[plan[j][0], position["offset"]], *plan[j + 1 :]]
+    return epoch, remaining
+
+
+def _no_counts() -> dict:
+    """Counts of bad data before any sample is read."""
+    return {"samples": 0, "bad": {}}
+
+
+def _start_position() -> dict:
+    """A worker's position before its first batch."""
+    return {"draws": 0, "sources": {}, **_no_counts()}
 
 
 def _as_is(batch: dict) -> dict:

@@ -117,6 +117,7 @@ def build_stream(
         sensor_weights={k: float(v) for k, v in cfg.sensor_weights.items()} or None,
         transform=augment_transform(cfg.augment),
         device=device,
+        max_bad_fraction=cfg.max_bad_fraction,
     )
 
 
@@ -134,6 +135,7 @@ def build_val_stream(
         seed=seed,
         shuffle_buffer=cfg.shuffle_buffer,
         device=device,
+        max_bad_fraction=cfg.max_bad_fraction,
     )
 
 
@@ -162,15 +164,15 @@ def augment_transform(options: dict) -> Transform | None:
 
 
 def restore_position(stream: ShardStream, saved: list[dict] | None, rank: int) -> None:
-    """Continue ``stream`` from this rank's position in a checkpoint (one entry per rank)."""
+    """Continue ``stream`` from this rank's position in a checkpoint (one entry per rank); a
+    checkpoint of another world size or worker count is remapped (``remapped_state``)."""
     if not saved:
         return
-    if rank >= len(saved):
-        raise DataError(
-            f"the checkpoint holds the data position of {len(saved)} rank(s); relaunch with "
-            f"{len(saved)} rank(s) to resume it"
-        )
-    stream.load_state_dict(saved[rank])
+    same = len(saved) == stream.state_dict()["world_size"]
+    if same and saved[rank]["num_workers"] == stream.num_workers:
+        stream.load_state_dict(saved[rank])
+    else:
+        stream.load_state_dict(stream.remapped_state(saved))
 
 
 class SampleLog:

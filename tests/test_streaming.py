@@ -162,6 +162,44 @@ def test_resume_under_two_ranks_and_two_workers_repeats_and_skips_nothing(mixed)
         make(mixed, rank=1, world_size=2).load_state_dict(state)
 
 
+def first_epoch_after_remap(mixed, saved, world_size: int, num_workers: int) -> list:
+    """Ids every new rank reads of epoch 0 after remapping ``saved`` (batches of one sample):
+    a batch belongs to epoch 0 while its worker's position for its source still says so after
+    it."""
+    seen = []
+    for rank in range(world_size):
+        stream = make(
+            mixed, rank=rank, world_size=world_size, num_workers=num_workers, batch_size=1
+        )
+        stream.load_state_dict(stream.remapped_state(saved))
+        source_of = {url: s.key for s in stream.sources() for url in s.shards}
+        for batch in stream.iter_batches():
+            state = stream.state_dict()
+            positions = [w["sources"] for w in state["workers"]]
+            if all(p[key]["epoch"] >= 1 for p in positions for key in p):
+                break
+            worker = (state["next_worker"] - 1) % len(positions)  # the one that made the batch
+            if positions[worker][source_of[batch["meta"]["shard"][0]]]["epoch"] == 0:
+                seen += [i for b in ids_of([batch]) for i in b]
+    return seen
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (3, 2)])
+def test_position_remapped_to_another_world_size_reads_the_rest_of_the_epoch(
+    mixed, world_size, num_workers
+):
+    _, _, ids = mixed
+    before, saved = [], []
+    for rank in (0, 1):
+        first = make(mixed, rank=rank, world_size=2, num_workers=2, batch_size=1)
+        before += [i for b in ids_of(islice(first.iter_batches(), 9)) for i in b]
+        saved.append(json.loads(json.dumps(first.state_dict())))
+    after = first_epoch_after_remap(mixed, saved, world_size, num_workers)
+    assert after and Counter(before + after) == Counter(ids)  # nothing twice, nothing skipped
+    with pytest.raises(DataError, match="batch_size"):
+        make(mixed, rank=0, world_size=1, batch_size=2).remapped_state(saved)
+
+
 def test_url_kinds_folder_brace_pattern_and_pipe(mixed):
     folders, normaliser, _ = mixed
     s1 = folders["s1"]
