@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from eoforge.datasets.errors import DataError
+    from eoforge.launch.checkpoints import UnsafeCheckpointError
     from eoforge.launch.config import ConfigError
     from eoforge.models.release import ReleaseError
     from eoforge.models.spectral import UnsupportedBandError
@@ -75,7 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return args.run(args) or 0
-    except (DataError, ConfigError, ReleaseError, UnsupportedBandError, FileNotFoundError) as err:
+    except (
+        DataError,
+        ConfigError,
+        ReleaseError,
+        UnsupportedBandError,
+        UnsafeCheckpointError,
+        FileNotFoundError,
+    ) as err:
         print(f"eoforge: error: {err}", file=sys.stderr)
         return 2
 
@@ -476,10 +484,12 @@ def _data_verify(args) -> int:
 
 def _pretrain(args) -> int:
     from eoforge.launch.config import load_config
+    from eoforge.launch.distributed import detect_env
     from eoforge.pretrain.config import PretrainConfig, find_config
     from eoforge.pretrain.train import pretrain
 
     cfg = load_config(PretrainConfig, find_config(args.config), args.overrides)
+    _validate(cfg, detect_env().world_size)  # before any process group starts
     run_dir = pretrain(cfg)
     release = run_dir / "release"
     if release.is_dir():

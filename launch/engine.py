@@ -1,8 +1,9 @@
 """Training engines. The loop talks to the engine protocol only:
 
 ``engine(batch) -> dict of losses``, ``engine.backward_step(loss)``, ``engine.set_lr(lr)``,
-``engine.save(dir, step, client_state)``, ``engine.load(dir) -> client_state | None``,
-``engine.preview(batch)``, ``engine.grad_norm()``.
+``engine.save(dir, step, client_state, keep_last)``, ``engine.load(checkpoint) -> client_state``,
+``engine.preview(batch)``, ``engine.grad_norm()``. Checkpoint folders, commits and resume
+selection live in ``eoforge.launch.checkpoints``.
 
 ``DeepSpeedEngine`` is the production path: ZeRO stage 1/2/3, bf16/fp16/fp32, gloo on CPU and
 NCCL on GPU. The optimizer is a torch AdamW handed to DeepSpeed (DeepSpeed's own optimizers
@@ -11,17 +12,25 @@ compile C++ ops at first use, which costs a minute per fresh machine for no gain
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from eoforge.launch.checkpoints import (
+    Checkpoint,
+    commit,
+    partial_tag,
+    step_tag,
+    to_universal,
+    universal_location,
+    vet_pickles,
+)
 from eoforge.launch.distributed import import_deepspeed
+from eoforge.launch.faults import kill_point
 
-COMPLETE_MARKER = "complete.json"
+# DeepSpeed's converter to the universal form requires the checkpoint to declare itself.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -46,7 +55,14 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def deepspeed_config(micro_batch: int, zero_stage: int, precision: str, grad_clip: float) -> dict:
+def deepspeed_config(
+    micro_batch: int,
+    zero_stage: int,
+    precision: str,
+    grad_clip: float,
+    accumulation: int = 1,
+    load_universal: bool = False,
+) -> dict:
     """The DeepSpeed JSON config eoforge runs with."""
     zero = {
         "stage": zero_stage,
@@ -60,7 +76,7 @@ def deepspeed_config(micro_batch: int, zero_stage: int, precision: str, grad_cli
         zero["stage3_param_persistence_threshold"] = 0
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
@@ -68,11 +84,17 @@ def deepspeed_config(micro_batch: int, zero_stage: int, precision: str, grad_cli
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
 class DeepSpeedEngine:
-    """An objective module wrapped by ``deepspeed.initialize`` with a torch AdamW."""
+    """An objective module wrapped by ``deepspeed.initialize`` with a torch AdamW.
+
+    ``accumulation``: micro-batches per optimizer step (``backward_step`` steps the optimizer on
+    the last of them). ``load_universal``: ``load`` will resume a checkpoint written at another
+    world size, through DeepSpeed's universal checkpoint form.
+    """
 
     def __init__(
         self,
@@ -85,6 +107,8 @@ class DeepSpeedEngine:
         zero_stage: int = 2,
         precision: str = "auto",
         grad_clip: float = 1.0,
+        accumulation: int = 1,
+        load_universal: bool = False,
     ):
         deepspeed = import_deepspeed()
         self.precision = resolve_precision(precision)
@@ -92,12 +116,15 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(
             groups, lr=lr, betas=tuple(betas), fused=torch.cuda.is_available()
         )
-        config = deepspeed_config(micro_batch, zero_stage, self.precision, grad_clip)
+        config = deepspeed_config(
+            micro_batch, zero_stage, self.precision, grad_clip, accumulation, load_universal
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config, dist_init_required=False
         )
         self.device = self.engine.device
         self.zero_stage = zero_stage
+        self.load_universal = load_universal
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         self.engine.train()
@@ -125,39 +152,36 @@ class DeepSpeedEngine:
             self.engine.train()
 
     def save(self, directory: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
-        """Save a sharded checkpoint tagged by step; a marker written last makes it complete."""
+        """Write a sharded checkpoint and commit it atomically (``launch.checkpoints``)."""
         directory = Path(directory)
-        tag = f"step_{step:08d}"
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+        rank = torch.distributed.get_rank()
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=partial_tag(step),
+            client_state={**client_state, **UNIVERSAL_INFO},
+            save_latest=False,  # the pointer is written by commit, after the rename
+        )
+        kill_point("kill_in_save", step, rank)
         torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0:
-            # Written last, and atomically: a checkpoint without it is never loaded.
-            marker = directory / tag / COMPLETE_MARKER
-            partial = marker.with_name(f".{COMPLETE_MARKER}.tmp")
-            partial.write_text(json.dumps({"step": step}))
-            os.replace(partial, marker)
-            for old in complete_checkpoints(directory)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        if rank == 0:
+            commit(directory, step, torch.distributed.get_world_size(), keep_last)
         torch.distributed.barrier()
-        return directory / tag
+        return directory / step_tag(step)
 
-    def load(self, directory: str | Path) -> dict | None:
-        """Load the newest complete checkpoint; returns its client state, or None if none."""
-        found = complete_checkpoints(directory)
-        if not found:
-            return None
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=found[-1].name)
+    def load(self, checkpoint: Checkpoint) -> dict:
+        """Load ``checkpoint`` (its pickles vetted first); returns its client state."""
+        vet_pickles(checkpoint.path)
+        load_dir, tag = checkpoint.path.parent, checkpoint.tag
+        if self.load_universal:
+            if torch.distributed.get_rank() == 0:
+                to_universal(checkpoint)
+            torch.distributed.barrier()
+            load_dir, tag = universal_location(checkpoint)
+            vet_pickles(load_dir / tag)
+        path, client_state = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {found[-1]}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
         return client_state
-
-
-def complete_checkpoints(directory: str | Path) -> list[Path]:
-    """Checkpoint folders that carry the completion marker, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p.parent for p in directory.glob(f"step_*/{COMPLETE_MARKER}"))
 
 
 def to_device(batch, device):

@@ -35,6 +35,10 @@ class DataConfig:
     val_every: int = 0  # steps between validation losses (0: no validation)
     val_batches: int = 4  # validation batches per rank
     log_ids: bool = False  # debug: append each step's sample ids to logs/samples-rank<r>.txt
+    # Bad samples (undecodable, wrong band count, NaN/Inf, all nodata; truncated shards) are
+    # skipped, counted and logged; more than this fraction of the samples a rank read stops the
+    # run (from the 1/max_bad_fraction-th sample on; 0: the first bad sample stops it).
+    max_bad_fraction: float = 0.01
 
     def validate(self) -> None:
         """Impossible data settings fail here, naming the key."""
@@ -71,6 +75,10 @@ class DataConfig:
                 raise ValueError(f"data.{key}={getattr(self, key)}: must be >= 1")
         if self.num_workers < 0 or self.val_every < 0:
             raise ValueError("data.num_workers and data.val_every must be >= 0")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(
+                f"data.max_bad_fraction={self.max_bad_fraction}: must be between 0 and 1"
+            )
         if bool(self.val_shards) != (self.val_every > 0):
             raise ValueError(
                 f"data.val_shards={self.val_shards} with data.val_every={self.val_every}: set both "
@@ -99,6 +107,10 @@ class ObjectiveConfig:
 class OptimConfig:
     """AdamW with linear warmup and cosine decay; lr = blr * global_batch / 256 unless lr is set."""
 
+    # Samples per optimizer step over all ranks; None: data.batch_size x world size. A multiple
+    # of that is reached by accumulating gradients over global_batch / (batch_size x world size)
+    # micro-batches.
+    global_batch: int | None = None
     blr: float = 1.5e-4
     lr: float | None = None
     min_lr: float = 0.0
@@ -112,6 +124,9 @@ class EngineConfig:
     zero_stage: int = 2  # 1, 2 or 3
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
     grad_clip: float = 1.0
+    # A micro-batch whose loss is NaN/Inf (on any rank) is skipped and counted; this many in a
+    # row save a checkpoint and stop the run.
+    nonfinite_limit: int = 5
 
 
 @dataclass
@@ -147,10 +162,32 @@ class PretrainConfig:
             raise ValueError(
                 f"engine.precision={self.engine.precision!r}: use auto, bf16, fp16 or fp32"
             )
+        if self.engine.nonfinite_limit < 1:
+            raise ValueError(f"engine.nonfinite_limit={self.engine.nonfinite_limit}: must be >= 1")
         self.data.validate()
         for key in ("steps", "log_every", "image_every", "save_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at={self.stop_at}: must lie in 1..steps ({self.steps})")
+        if self.optim.lr is not None and self.optim.min_lr > self.optim.lr:
+            raise ValueError(
+                f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}: the "
+                "schedule would rise as it decays"
+            )
+        self.accumulation(world_size)
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step for ``world_size`` ranks (from optim.global_batch)."""
+        per_step = self.data.batch_size * world_size
+        global_batch = self.optim.global_batch or per_step
+        if global_batch < 1 or global_batch % per_step:
+            raise ValueError(
+                f"optim.global_batch={global_batch} is not a multiple of data.batch_size "
+                f"({self.data.batch_size}) x world size ({world_size}) = {per_step}; set it to a "
+                "multiple, or change data.batch_size or the number of ranks"
+            )
+        return global_batch // per_step
 
 
 def find_config(name_or_path: str) -> Path:

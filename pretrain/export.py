@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from eoforge.launch.checkpoints import newest_whole, vet_pickles
 from eoforge.launch.config import load_config
 from eoforge.launch.distributed import import_deepspeed
-from eoforge.launch.engine import complete_checkpoints
 from eoforge.launch.rundir import RunDir
 from eoforge.models.release import finest_gsd, save_release
 from eoforge.pretrain.config import PretrainConfig
@@ -19,22 +19,21 @@ ENCODER_PREFIX = "encoder."
 
 
 def consolidated_encoder_state(checkpoints: Path) -> tuple[dict, int]:
-    """fp32 encoder weights gathered from the newest complete ZeRO 1/2/3 checkpoint, and its step."""
+    """fp32 encoder weights gathered from the newest whole ZeRO 1/2/3 checkpoint, and its step."""
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    found = complete_checkpoints(checkpoints)
-    if not found:
+    newest = newest_whole(checkpoints, is_main=False)
+    if newest is None:
         raise FileNotFoundError(
             f"no complete checkpoint in {checkpoints}; train first (eoforge pretrain)"
         )
-    newest = found[-1]
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=newest.name)
+    vet_pickles(newest.path)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=newest.tag)
     encoder = {
         k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)
     }
-    step = json.loads((newest / "complete.json").read_text())["step"]
-    return encoder, step
+    return encoder, newest.step
 
 
 def band_card(shard_dirs: list[Path], clip: bool = True) -> tuple[list[dict], dict, dict, dict]:

@@ -8,7 +8,6 @@ saved in that checkpoint.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from itertools import islice
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from eoforge.launch.checkpoints import newest_whole
 from eoforge.launch.config import save_config
 from eoforge.launch.distributed import (
     any_rank,
@@ -25,6 +25,8 @@ from eoforge.launch.distributed import (
     init_distributed,
 )
 from eoforge.launch.engine import DeepSpeedEngine
+from eoforge.launch.faults import kill_point, poison_loss
+from eoforge.launch.guards import NonFiniteGuard
 from eoforge.launch.logging import TensorBoard, get_logger, reconstruction_grid
 from eoforge.launch.rundir import RunDir
 from eoforge.launch.signals import StopRequest
@@ -53,6 +55,19 @@ def validation_loss(engine, stream, batches: int, seed: int, rank: int) -> float
     return sum(t for t, _ in sums) / max(1, sum(n for _, n in sums))
 
 
+def data_health(stream) -> dict[str, float]:
+    """TensorBoard counters of the samples read and the bad ones skipped, summed over every
+    rank (``ShardStream.health``; a collective: every rank calls it at the same step)."""
+    healths = gather_objects(stream.health())
+    samples = sum(h["samples"] for h in healths)
+    bad = {reason: sum(h["bad"][reason] for h in healths) for reason in healths[0]["bad"]}
+    values = {f"data/bad/{reason}": n for reason, n in bad.items()}
+    values.update(
+        {"data/samples": samples, "data/bad_fraction": sum(bad.values()) / max(1, samples)}
+    )
+    return values
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining as configured; returns the run directory."""
     dist_env = detect_env()
@@ -78,8 +93,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every relaunch
     encoder = create_model(cfg.model.name, **cfg.model.kwargs)
     objective = build_objective(cfg.objective, encoder)
-    global_batch = cfg.data.batch_size * dist_env.world_size
+    accumulation = cfg.accumulation(dist_env.world_size)
+    global_batch = cfg.data.batch_size * dist_env.world_size * accumulation
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
+    resume = newest_whole(run.checkpoints, is_main=dist_env.is_main)
+    # A checkpoint of another world size resumes through DeepSpeed's universal form.
+    resized = resume is not None and resume.world_size not in (None, dist_env.world_size)
     engine = DeepSpeedEngine(
         objective,
         micro_batch=cfg.data.batch_size,
@@ -89,17 +108,24 @@ def pretrain(cfg: PretrainConfig) -> Path:
         zero_stage=cfg.engine.zero_stage,
         precision=cfg.engine.precision,
         grad_clip=cfg.engine.grad_clip,
+        accumulation=accumulation,
+        load_universal=resized,
     )
     # Batches are normalised on the training device (see ShardStream's device).
     stream = build_stream(cfg.data, shard_dirs, seed=cfg.seed, device=engine.device)
     val_stream = build_val_stream(cfg.data, stream.normaliser, seed=cfg.seed, device=engine.device)
-    state = engine.load(run.checkpoints) or {}
+    state = engine.load(resume) if resume else {}
     step = int(state.get("step", 0))
     log.info(
         f"{'resuming at step ' + str(step) if step else 'starting'}: {cfg.model.name} + "
         f"{objective_label(cfg.objective)}, ZeRO-{cfg.engine.zero_stage} {engine.precision}, world size "
-        f"{dist_env.world_size}, global batch {global_batch}, peak lr {peak_lr:.2e}"
+        f"{dist_env.world_size}, global batch {global_batch} ({accumulation} micro-batch(es) per "
+        f"step), peak lr {peak_lr:.2e}"
     )
+    if resized:
+        log.info(
+            f"{resume.path} was written by {resume.world_size} rank(s); data positions remapped"
+        )
     tb = TensorBoard(
         run.tensorboard, enabled=dist_env.is_main, purge_step=step + 1 if step else None
     )
@@ -107,36 +133,58 @@ def pretrain(cfg: PretrainConfig) -> Path:
     batches = stream.iter_batches()
     sample_log = SampleLog(run.logs, dist_env.rank) if cfg.data.log_ids else None
     window_start, window_losses = time.perf_counter(), []
+    guard = NonFiniteGuard(cfg.engine.nonfinite_limit, int(state.get("nonfinite_skipped", 0)))
+
+    def save(step: int) -> None:
+        data = {"ranks": gather_objects(stream.state_dict())}  # each rank's own position
+        client = {"step": step, "data": data, "nonfinite_skipped": guard.skipped}
+        engine.save(run.checkpoints, step, client, cfg.keep_last)
+        log.info(f"saved checkpoint at step {step} in {run.checkpoints}")
 
     with StopRequest() as stop:
         while step < cfg.steps:
-            batch = next(batches)
-            if sample_log:
-                sample_log.write(step, batch)
             torch.manual_seed(step_seed(cfg.seed, step, dist_env.rank))
             lr = lr_at(step, peak_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr)
             engine.set_lr(lr)
             if hasattr(objective, "set_progress"):
                 objective.set_progress(step / cfg.steps)
-            losses = engine(batch)
-            engine.backward_step(losses["loss"])
+            done = tried = 0
+            while done < accumulation:  # micro-batches of one optimizer step
+                batch = next(batches)
+                if sample_log:
+                    sample_log.write(step, batch)
+                losses = engine(batch)
+                loss = poison_loss(losses["loss"], step + 1, dist_env.rank, tried)
+                tried += 1
+                if guard.skip(loss, step + 1):
+                    if guard.exhausted:
+                        save(step)
+                        tb.close()
+                        raise FloatingPointError(
+                            f"{guard.in_a_row} non-finite losses in a row at step {step + 1} "
+                            f"(engine.nonfinite_limit={guard.limit}); the weights of step {step} "
+                            f"are saved in {run.checkpoints}. Lower optim.lr or optim.blr, or "
+                            "check the data, then relaunch to resume."
+                        )
+                    continue
+                engine.backward_step(loss)
+                window_losses.append(loss.detach())
+                done += 1
             step += 1
-            window_losses.append(losses["loss"].detach())
+            kill_point("kill", step, dist_env.rank)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 values = {k: v.item() for k, v in losses.items()}  # host sync: logging steps only
                 # The logged loss is the mean since the last log: one batch is one sensor's.
                 values["loss"] = torch.stack(window_losses).mean().item()
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {values['loss']} at step {step}; see {run.logs}"
-                    )
                 elapsed = time.perf_counter() - window_start
                 values.update(
                     lr=lr,
                     grad_norm=engine.grad_norm(),
-                    samples_per_s=len(window_losses) * global_batch / elapsed,
+                    samples_per_s=len(window_losses) * global_batch / accumulation / elapsed,
                 )
+                values["train/nonfinite_skipped"] = guard.skipped
+                values.update(data_health(stream))
                 tb.scalars(step, values)
                 log.info(
                     f"step {step}/{cfg.steps} loss {values['loss']:.4f} lr {lr:.2e} "
@@ -156,9 +204,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             # Every rank stops at the same step, whichever of them the signal reached.
             stopping = any_rank(stop.requested) or step == cfg.stop_at
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                data = {"ranks": gather_objects(stream.state_dict())}  # each rank's own position
-                engine.save(run.checkpoints, step, {"step": step, "data": data}, cfg.keep_last)
-                log.info(f"saved checkpoint at step {step} in {run.checkpoints}")
+                save(step)
             if stopping:
                 log.info(f"stopping at step {step} (signal or stop_at); relaunch to resume")
                 tb.close()
