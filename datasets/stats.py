@@ -6,7 +6,12 @@ unique across sensors); time series contribute every date's values.
 ``stats.json`` (next to the shards)::
 
     {"version": 1, "clip_percentiles": [1, 99],
-     "bands": {band_id: {"count", "mean", "std", "p1", "p99", "norm_mean", "norm_std"}}}
+     "bands": {band_id: {"count", "mean", "std", "p1", "p99", "norm_mean", "norm_std"}},
+     "skipped": {reason: n}}
+
+Bad samples and broken shards (``eoforge.datasets.sample_checks``) are left out, as the reader
+leaves them out of training, and counted under ``skipped``; each is logged with shard and key, so
+one NaN in a corrupt sample cannot turn a band's statistics into NaN.
 
 ``count``, ``mean`` and ``std`` (population) are exact over every valid raw value (merged per
 sample with Chan's parallel update, which stays accurate for large counts). ``p1``/``p99`` and
@@ -23,6 +28,7 @@ become 0. Statistics are looked up by band id, and band ids name their sensor ("
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +37,13 @@ import numpy as np
 from tqdm import tqdm
 
 from eoforge.datasets.errors import DataError
+from eoforge.datasets.sample_checks import REASONS, TRUNCATED_SHARD, sample_problem
 from eoforge.datasets.shards import STATS_FILE, iter_tar_samples, read_index, sample_views
 
 STATS_VERSION = 1
 CLIP_PERCENTILES = (1, 99)
 FIELDS = ("count", "mean", "std", "p1", "p99", "norm_mean", "norm_std")
+LOG = logging.getLogger("eoforge")
 
 
 class _BandAccumulator:
@@ -130,11 +138,12 @@ def compute_stats(
     bands: dict[str, _BandAccumulator] = {
         row["band_id"]: _BandAccumulator(max_values_per_band) for row in index["bands"]
     }
+    skipped = dict.fromkeys(REASONS, 0)
     with tqdm(
         total=index["samples"], desc=f"stats {folder.name}", unit="sample", disable=not progress
     ) as bar:
         for row in index["shards"]:
-            for raw in iter_tar_samples(folder / row["name"]):
+            for raw in _good_samples(folder / row["name"], skipped):
                 # Every sensor of a multi-sensor sample adds to its own bands' statistics; a
                 # time series adds every date's values.
                 for _, image, valid, band_ids in sample_views(raw):
@@ -148,12 +157,32 @@ def compute_stats(
         "version": STATS_VERSION,
         "clip_percentiles": list(CLIP_PERCENTILES),
         "bands": {band_id: acc.result() for band_id, acc in bands.items()},
+        "skipped": skipped,
     }
     path = folder / STATS_FILE
     tmp = path.with_name(f".{STATS_FILE}.{os.getpid()}")
     tmp.write_text(json.dumps(stats, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def _good_samples(shard: Path, skipped: dict[str, int]):
+    """The raw samples of ``shard`` that pass ``sample_checks``; the others, and a break in the
+    shard, are counted in ``skipped`` and logged."""
+    try:
+        for raw in iter_tar_samples(shard):
+            problem = sample_problem(raw)
+            if problem is None:
+                yield raw
+                continue
+            skipped[problem.reason] += 1
+            LOG.warning(
+                f"stats: skipped sample {raw.get('__key__')} of shard {shard} "
+                f"({problem.reason}): {problem.detail}"
+            )
+    except DataError as err:
+        skipped[TRUNCATED_SHARD] += 1
+        LOG.warning(f"stats: skipped the rest of shard {shard} ({TRUNCATED_SHARD}): {err}")
 
 
 class Normaliser:

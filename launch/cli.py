@@ -471,7 +471,9 @@ def _data_build_cube(args) -> int:
 def _data_stats(args) -> int:
     from eoforge.datasets.stats import compute_stats
 
-    print(f"wrote {compute_stats(args.shards)}")
+    path = compute_stats(args.shards)
+    skipped = {k: n for k, n in json.loads(path.read_text())["skipped"].items() if n}
+    print(f"wrote {path}" + (f"; bad data left out: {skipped} (see the log)" if skipped else ""))
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from eoforge.datasets.shards import (
     iter_tar_samples,
     list_shards,
 )
-from eoforge.datasets.stats import Normaliser
+from eoforge.datasets.stats import Normaliser, compute_stats
 from eoforge.pretrain.config import DataConfig
 from eoforge.pretrain.data import build_stream
 
@@ -328,3 +329,17 @@ def test_pretraining_logs_bad_data_counters_and_stops_over_the_limit(shards, tmp
     )
     assert result.returncode != 0
     assert "more than data.max_bad_fraction=0.05 allows" in result.stderr
+
+
+def test_statistics_leave_bad_data_out(shards, tmp_path, caplog):
+    folder = tmp_path / "s1"
+    shutil.copytree(shards[0], folder)
+    index = json.loads((folder / "index.json").read_text())
+    index["bands"] = [{"band_id": band} for band in BANDS]
+    (folder / "index.json").write_text(json.dumps(index))
+    with caplog.at_level(logging.WARNING, logger="eoforge"):
+        stats = json.loads(compute_stats(folder, progress=False).read_text())
+    assert stats["skipped"] == {reason: 1 for reason in REASONS} | {NON_FINITE: 2}
+    for band in BANDS:  # the NaN/Inf of corrupt samples did not reach the statistics
+        assert all(np.isfinite(stats["bands"][band][field]) for field in ("mean", "std", "p99"))
+    assert "stats: skipped sample nan_at_valid of shard" in caplog.text
