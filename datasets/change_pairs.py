@@ -45,9 +45,12 @@ from rasterio.errors import RasterioIOError
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.geotiff import discover_scenes, read_scene
 from eoforge.datasets.labelled import (
+    TEST,
     TRAIN,
     LabelledSplit,
     blocked_split,
+    blocked_tiles,
+    check_tiling,
     ids_split_hash,
     normalise,
     train_stats,
@@ -118,13 +121,8 @@ def load_change_pairs(
     Raises:
         DataError: naming the folder, file or band at fault.
     """
-    if tile < 1 or block_size < tile or block_size % tile or not 0 < train_fraction < 1:
-        raise ValueError(
-            f"tile={tile} must be >= 1, block_size={block_size} a multiple of it and "
-            f"train_fraction={train_fraction} inside (0, 1)"
-        )
+    check_tiling(tile, block_size, train_fraction)
     pair = _read_pair(Path(root), scene, sensor, bands)
-    height, width = pair.labels.shape
     split_map, _ = blocked_split(
         pair.labels, 1, block_size, train_fraction, np.random.default_rng(seed), pair.source
     )
@@ -135,33 +133,20 @@ def load_change_pairs(
     normed = np.moveaxis(normalise(np.moveaxis(pair.image, 1, -1), stats, band_ids), -1, 1)
     normed[~pair.valid] = 0.0  # [2, C, H, W]
     labels = np.where(pair.valid.all(axis=(0, 1)), pair.labels.astype(np.int64) - 1, -1)
-    pad = ((0, -height % tile), (0, -width % tile))
-    normed = np.pad(normed, ((0, 0), (0, 0), *pad))  # [2, C, H', W'], zeros past the edge
-    labels = np.pad(labels, pad, constant_values=-1)  # [H', W']
-    n_rows, n_cols = labels.shape[0] // tile, labels.shape[1] // tile
-    x = normed.reshape(2, len(band_ids), n_rows, tile, n_cols, tile).transpose(2, 4, 0, 1, 3, 5)
-    y = labels.reshape(n_rows, tile, n_cols, tile).transpose(0, 2, 1, 3)  # [nR, nC, t, t]
-    tile_split = split_map[::tile, ::tile]  # [nR, nC]: split of each tile's origin
-    labelled = (y >= 0).any(axis=(2, 3))
-    out, ids = {}, {}
-    for split in (TRAIN, 1 - TRAIN):
-        rows, cols = np.nonzero(labelled & (tile_split == split))  # row-major tile order
-        out[split] = (np.ascontiguousarray(x[rows, cols]), np.ascontiguousarray(y[rows, cols]))
-        ids[split] = [f"{pair.name}:{r * tile}_{c * tile}" for r, c in zip(rows, cols, strict=True)]
-    test = 1 - TRAIN
+    out, ids = blocked_tiles(normed, labels, split_map, tile, prefix=f"{pair.name}:")
     return LabelledSplit(
         x_train=out[TRAIN][0],
         y_train=out[TRAIN][1],
-        x_test=out[test][0],
-        y_test=out[test][1],
+        x_test=out[TEST][0],
+        y_test=out[TEST][1],
         band_ids=band_ids,
         wavelengths=np.array([band.wavelength for band in pair.bands], dtype=np.float32),
         class_names=list(CLASS_NAMES),
         task="change",
-        split_hash=ids_split_hash(ids[TRAIN], ids[test]),
+        split_hash=ids_split_hash(ids[TRAIN], ids[TEST]),
         stats=stats,
         train_ids=ids[TRAIN],
-        test_ids=ids[test],
+        test_ids=ids[TEST],
     )
 
 

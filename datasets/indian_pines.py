@@ -38,6 +38,8 @@ from eoforge.datasets.labelled import (
     LabelledSplit,
     Windows,
     blocked_split,
+    blocked_tiles,
+    check_tiling,
     ids_split_hash,
     normalise,
     stratified_subset,
@@ -246,31 +248,15 @@ def load_indian_pines_map(
     Returns:
         A ``"segmentation"`` split: x [N, 200, tile, tile] float32, y [N, tile, tile] int64.
     """
-    if tile < 1 or block_size < tile or block_size % tile or not 0 < train_fraction < 1:
-        raise ValueError(
-            f"tile={tile} must be >= 1, block_size={block_size} a multiple of it and "
-            f"train_fraction={train_fraction} inside (0, 1)"
-        )
+    check_tiling(tile, block_size, train_fraction)
     image, labels = _read(Path(root))  # [H, W, C], [H, W]
     sensor = get_sensor(SENSOR)
     band_ids = [band.band_id for band in sensor.bands]
     rng = np.random.default_rng(seed)
     split_map, _ = blocked_split(labels, 1, block_size, train_fraction, rng, Path(root))
     stats = train_stats(image[split_map == TRAIN], band_ids, Path(root) / IMAGE_FILE)
-    height, width = labels.shape
-    pad = ((0, -height % tile), (0, -width % tile))
-    normed = np.pad(normalise(image, stats, band_ids), (*pad, (0, 0)))  # [H', W', C]
-    classes = np.pad(labels.astype(np.int64) - 1, pad, constant_values=-1)  # [H', W']
-    n_rows, n_cols = classes.shape[0] // tile, classes.shape[1] // tile
-    x = normed.reshape(n_rows, tile, n_cols, tile, -1).transpose(0, 2, 4, 1, 3)  # [nR, nC, C, t, t]
-    y = classes.reshape(n_rows, tile, n_cols, tile).transpose(0, 2, 1, 3)  # [nR, nC, t, t]
-    tile_split = split_map[::tile, ::tile]  # [nR, nC]: each tile lies in one block
-    labelled = (y >= 0).any(axis=(2, 3))
-    out, ids = {}, {}
-    for split in (TRAIN, TEST):
-        rows, cols = np.nonzero(labelled & (tile_split == split))
-        out[split] = (np.ascontiguousarray(x[rows, cols]), np.ascontiguousarray(y[rows, cols]))
-        ids[split] = [f"{r * tile}_{c * tile}" for r, c in zip(rows, cols, strict=True)]
+    normed = np.moveaxis(normalise(image, stats, band_ids), -1, 0)  # [C, H, W]
+    out, ids = blocked_tiles(normed, labels.astype(np.int64) - 1, split_map, tile)
     return LabelledSplit(
         x_train=out[TRAIN][0],
         y_train=out[TRAIN][1],

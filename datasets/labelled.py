@@ -203,6 +203,51 @@ def stratified_split(
     return train, test
 
 
+def check_tiling(tile: int, block_size: int, train_fraction: float) -> None:
+    """The options of a tiled, blocked split: ValueError naming them unless they fit."""
+    if tile < 1 or block_size < tile or block_size % tile or not 0 < train_fraction < 1:
+        raise ValueError(
+            f"tile={tile} must be >= 1, block_size={block_size} a multiple of it and "
+            f"train_fraction={train_fraction} inside (0, 1)"
+        )
+
+
+def blocked_tiles(
+    image: np.ndarray, labels: np.ndarray, split_map: np.ndarray, tile: int, prefix: str = ""
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict[int, list[str]]]:
+    """Cut a scene into ``tile`` x ``tile`` tiles and deal them to the splits of ``split_map``.
+
+    Args:
+        image: [..., H, W]; zero-padded to whole tiles.
+        labels: [H, W] int, -1 where unlabelled; padded with -1. Tiles without a labelled pixel
+            are left out.
+        split_map: [H, W] of ``TRAIN``/``TEST`` (``blocked_split``, blocks a multiple of
+            ``tile``, so each tile lies in one block: a tile goes where its origin goes).
+        prefix: put before each tile's id, ``"<row>_<col>"`` of its origin.
+
+    Returns:
+        ``({split: (x [N, ..., tile, tile], y [N, tile, tile])}, {split: ids})``, tiles in
+        row-major order.
+    """
+    height, width = labels.shape
+    pad = ((0, -height % tile), (0, -width % tile))
+    image = np.pad(image, ((0, 0),) * (image.ndim - 2) + pad)  # zeros past the edge
+    labels = np.pad(labels, pad, constant_values=-1)
+    n_rows, n_cols = labels.shape[0] // tile, labels.shape[1] // tile
+    lead = image.ndim - 2
+    x = image.reshape(*image.shape[:-2], n_rows, tile, n_cols, tile)
+    x = x.transpose(lead, lead + 2, *range(lead), lead + 1, lead + 3)  # [nR, nC, ..., t, t]
+    y = labels.reshape(n_rows, tile, n_cols, tile).transpose(0, 2, 1, 3)  # [nR, nC, t, t]
+    tile_split = split_map[::tile, ::tile]  # [nR, nC]
+    labelled = (y >= 0).any(axis=(2, 3))
+    out, ids = {}, {}
+    for split in (TRAIN, TEST):
+        rows, cols = np.nonzero(labelled & (tile_split == split))
+        out[split] = (np.ascontiguousarray(x[rows, cols]), np.ascontiguousarray(y[rows, cols]))
+        ids[split] = [f"{prefix}{r * tile}_{c * tile}" for r, c in zip(rows, cols, strict=True)]
+    return out, ids
+
+
 def blocked_split(
     labels: np.ndarray,
     window: int,

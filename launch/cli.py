@@ -88,6 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _eval_arguments(command: argparse.ArgumentParser, options: str) -> None:
+    """The arguments every ``eoforge eval`` protocol takes; ``options`` lists its key=value
+    options for the help."""
+    command.add_argument("--release", required=True, help="release folder")
+    command.add_argument(
+        "--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines"
+    )
+    command.add_argument("--out", help="write the result as JSON here")
+    command.add_argument("options", nargs="*", help=f"key=value options: {options}")
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings to a user read as one line each, without the source line that raised them."""
     print(f"eoforge: warning: {message}", file=file or sys.stderr)
@@ -287,28 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = _group(verbs, "eval", "downstream protocols on frozen or finetuned encoders")
     linear = _command(evaluate, "eval", "linear", "linear probe on frozen features", _eval_linear)
-    linear.add_argument("--release", required=True, help="release folder")
-    linear.add_argument(
-        "--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines"
-    )
-    linear.add_argument("--out", help="write the result as JSON here")
-    linear.add_argument(
-        "options",
-        nargs="*",
-        help="key=value options: seed, window, batch_size, max_train, max_test",
-    )
+    _eval_arguments(linear, "seed, window, batch_size, max_train, max_test")
     knn = _command(evaluate, "eval", "knn", "weighted kNN on frozen features", _eval_knn)
-    knn.add_argument("--release", required=True, help="release folder")
-    knn.add_argument(
-        "--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines"
-    )
-    knn.add_argument("--out", help="write the result as JSON here")
-    knn.add_argument(
-        "options",
-        nargs="*",
-        help="key=value options: seed, window, k, batch_size, max_train, max_test",
-    )
-
+    _eval_arguments(knn, "seed, window, k, batch_size, max_train, max_test")
     for protocol, help_text in (
         ("finetune", "finetune the encoder with a linear head (layer-wise lr decay)"),
         ("segmentation", "train an UPerNet-style decoder on the encoder; mIoU"),
@@ -316,14 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         trained = _command(evaluate, "eval", protocol, help_text, _eval_trained)
         trained.set_defaults(protocol=protocol)
-        trained.add_argument("--release", required=True, help="release folder")
-        trained.add_argument("--dataset", required=True, help="NAME:ROOT")
         trained.add_argument("--frozen", action="store_true", help="train the head only")
-        trained.add_argument("--out", help="write the result as JSON here")
-        trained.add_argument(
-            "options",
-            nargs="*",
-            help="key=value: seed, epochs, lr, layer_decay, batch_size, and the dataset's options",
+        _eval_arguments(
+            trained, "seed, epochs, lr, layer_decay, batch_size, and the dataset's options"
         )
 
     bench = _group(verbs, "bench", "run a benchmark suite over a release; compare results")
