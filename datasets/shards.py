@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import mmap
 import os
 import re
 import tarfile
+import time
 import tokenize
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -59,6 +61,11 @@ _NPY_HEADERS = {
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _NPY_HEADER_CACHE: dict[bytes, tuple] = {}
 _PIPE_PIECE = 64 * 2**20  # bytes of a tar member read from a pipe at once
+# A pipe: read that fails (an object store's hiccup) is tried again this often, after a pause
+# that doubles from PIPE_BACKOFF_S, before the shard counts as broken.
+PIPE_RETRIES = 3
+PIPE_BACKOFF_S = 2.0
+LOG = logging.getLogger("eoforge")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -441,7 +448,45 @@ def iter_tar_samples(url: str | Path) -> Iterator[dict]:
 
     A local shard is memory-mapped, and its ``.npy`` members are read-only memoryviews of the
     map rather than bytes: decoding then copies an array once, from the page cache to where it
-    goes, and samples skipped or dropped are never copied at all. Other members are bytes."""
+    goes, and samples skipped or dropped are never copied at all. Other members are bytes.
+
+    A ``pipe:`` read that fails (the command exits non-zero, or its tar breaks off) is run
+    again up to ``PIPE_RETRIES`` times, with pauses doubling from ``PIPE_BACKOFF_S``; a retry
+    skips the samples already handed out, so none is given twice.
+
+    Raises:
+        DataError: naming the shard, when it is corrupt or truncated, or when its command still
+            fails after the retries.
+    """
+    if os.path.isfile(url):
+        yield from _tar_samples(url)
+        return
+    handed_out = 0
+    for attempt in range(PIPE_RETRIES + 1):
+        try:
+            for n, sample in enumerate(_tar_samples(url)):
+                if n >= handed_out:
+                    handed_out += 1
+                    yield sample
+            return
+        except (OSError, DataError) as err:
+            if attempt == PIPE_RETRIES:
+                raise DataError(
+                    f"{url}: failed after {PIPE_RETRIES + 1} tries ({_pipe_error(err)})"
+                ) from None
+            pause = PIPE_BACKOFF_S * 2**attempt
+            LOG.warning(f"{url}: {_pipe_error(err)}; trying again in {pause:g} s")
+            time.sleep(pause)
+
+
+def _pipe_error(err: Exception) -> str:
+    """A pipe failure in words (webdataset's OSError reads "((cmd,), {...}): exit N (read) {}")."""
+    found = re.search(r": exit (-?\d+)", str(err))
+    return f"its command exited with status {found.group(1)}" if found else str(err)
+
+
+def _tar_samples(url: str | Path) -> Iterator[dict]:
+    """One read of a shard (``iter_tar_samples`` without the retries)."""
     current: dict | None = None
     if os.path.isfile(url):
         stream: BinaryIO | _MappedFile = _MappedFile(url)

@@ -25,3 +25,10 @@ def sample_data() -> Path:
             pytest.fail(message + "; EOFORGE_REQUIRE_SAMPLE_DATA=1 makes this a failure")
         pytest.skip(message)
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_pipe_backoff(monkeypatch):
+    """Failing pipe: reads are retried without pausing in tests (damaged shards are read on
+    purpose; the pauses only matter against a real object store)."""
+    monkeypatch.setattr("eoforge.datasets.shards.PIPE_BACKOFF_S", 0.0)

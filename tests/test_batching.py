@@ -197,6 +197,25 @@ def test_tar_reader_errors_name_the_shard(tmp_path):
         list(iter_tar_samples(f"pipe:cat {tmp_path / 'cut.tar'}"))
 
 
+def test_failing_pipe_reads_are_retried_without_repeating_samples(tmp_path, caplog):
+    path = tmp_path / "shard.tar"
+    members = {f"s{i}.{m}": bytes(range(200)) * 10 for i in range(6) for m in ("json", "image.npy")}
+    write_tar(path, members)
+    whole = [s["__key__"] for s in iter_tar_samples(path)]
+    flag = tmp_path / "failed-once"
+    # The first run sends half the shard, then fails, as a dropped connection would.
+    flaky = (
+        f"pipe:if [ -e {flag} ]; then cat {path}; else touch {flag}; "
+        f"head -c {path.stat().st_size // 2} {path}; exit 3; fi"
+    )
+    with caplog.at_level("WARNING", logger="eoforge"):
+        keys = [s["__key__"] for s in iter_tar_samples(flaky)]
+    assert keys == whole  # the samples of the first run are not handed out again
+    assert "trying again" in caplog.text
+    with pytest.raises(DataError, match=r"pipe:false: failed after 4 tries .*status 1"):
+        list(iter_tar_samples("pipe:false"))
+
+
 def test_load_npy_is_a_view_and_refuses_object_arrays():
     for array in (
         np.arange(24, dtype=np.uint16).reshape(2, 3, 4),
