@@ -23,7 +23,6 @@ the reader counts it once per read of that shard.
 
 from __future__ import annotations
 
-import json
 from typing import NamedTuple
 
 import numpy as np
@@ -31,11 +30,12 @@ import numpy as np
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.shards import (
     IMAGE,
-    META,
-    STORED_DTYPES,
     VALID,
+    check_image,
+    check_mask,
     group_member,
     is_group,
+    load_meta,
     load_npy,
 )
 
@@ -126,10 +126,9 @@ def bad_reason(raw: dict) -> str | None:
 
 
 def _views(raw: dict) -> tuple[list[_View], Problem | None]:
-    """The arrays of every view present, or the problem found while decoding them."""
-    if META not in raw:
-        return [], Problem(UNDECODABLE, f"it has no .{META} member")
-    meta = json.loads(bytes(raw[META]).decode("utf-8"))  # str: json skips guessing the encoding
+    """The arrays of every view present, or the problem found while decoding them (the shard
+    decoders' own checks raise DataError: an undecodable sample)."""
+    meta = load_meta(raw)
     if not is_group(meta):
         missing = [f for f in SAMPLE_FIELDS if f not in meta]
         if missing:
@@ -137,8 +136,11 @@ def _views(raw: dict) -> tuple[list[_View], Problem | None]:
         if IMAGE not in raw:
             return [], Problem(UNDECODABLE, f"it has no .{IMAGE} member")
         image = load_npy(raw[IMAGE], f".{IMAGE}")
+        check_image(image, (3,), f".{IMAGE}")
         mask = load_npy(raw[VALID], f".{VALID}") if VALID in raw else None
-        return [_View("image", image, mask, meta, None)], _shape_problem("image", image, mask, (3,))
+        if mask is not None:
+            check_mask(mask, image, f".{VALID}")
+        return [_View("image", image, mask, meta, None)], None
     missing = [f for f in GROUP_FIELDS if f not in meta]
     if missing:
         return [], Problem(UNDECODABLE, f"its metadata lacks {', '.join(missing)}")
@@ -154,29 +156,12 @@ def _views(raw: dict) -> tuple[list[_View], Problem | None]:
         if name not in members:
             return [], Problem(UNDECODABLE, f"sensor {sensor} is present but has no .{name}")
         image = load_npy(members[name], f".{name}")
+        check_image(image, (3, 4), f"sensor {sensor}")
         mask = load_npy(members[mask_name], f".{mask_name}") if mask_name in members else None
-        problem = _shape_problem(f"sensor {sensor}", image, mask, (3, 4))
-        if problem is not None:
-            return [], problem
+        if mask is not None:
+            check_mask(mask, image, f"sensor {sensor}")
         views.append(_View(f"sensor {sensor}", image, mask, row, list(row["shape"])))
     return views, None
-
-
-def _shape_problem(
-    name: str, image: np.ndarray, mask: np.ndarray | None, ndims: tuple[int, ...]
-) -> Problem | None:
-    if image.ndim not in ndims or image.dtype not in STORED_DTYPES:
-        return Problem(
-            UNDECODABLE,
-            f"{name} is {image.dtype} {image.shape}, not [(T,) C, H, W] in a stored dtype "
-            f"({', '.join(str(d) for d in STORED_DTYPES)})",
-        )
-    if mask is not None and (mask.dtype != np.bool_ or mask.shape != image.shape):
-        return Problem(
-            UNDECODABLE,
-            f"{name}'s valid mask is {mask.dtype} {mask.shape}, not bool {image.shape}",
-        )
-    return None
 
 
 def _band_count(view: _View) -> Problem | None:

@@ -175,15 +175,11 @@ def decode_arrays(raw: dict) -> tuple[np.ndarray, np.ndarray | None]:
             f"{_where(raw)} has no .{IMAGE} member; rebuild the shards (eoforge data build)"
         )
     image = load_npy(raw[IMAGE], f"{_where(raw)}, .{IMAGE}")
-    _check_image(image, (3,), f"{_where(raw)}, .{IMAGE}")
+    check_image(image, (3,), f"{_where(raw)}, .{IMAGE}")
     valid = None
     if VALID in raw:
         valid = load_npy(raw[VALID], f"{_where(raw)}, .{VALID}")
-        if valid.shape != image.shape or valid.dtype != np.bool_:
-            raise DataError(
-                f"{_where(raw)}: valid mask {valid.dtype} {valid.shape} does not match image "
-                f"{image.shape} (expected bool)"
-            )
+        check_mask(valid, image, f"{_where(raw)}, .{VALID}")
     if np.issubdtype(image.dtype, np.floating):
         finite = np.isfinite(image)
         valid = finite if valid is None else valid & finite
@@ -194,7 +190,7 @@ def _where(raw: dict) -> str:
     return f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
 
 
-def _check_image(image: np.ndarray, ndims: tuple[int, ...], where: str) -> None:
+def check_image(image: np.ndarray, ndims: tuple[int, ...], where: str) -> None:
     """DataError unless a decoded image has one of ``ndims`` dimensions and a stored dtype (a
     corrupt npy header can declare any shape or dtype its bytes happen to fit)."""
     if image.ndim not in ndims or image.dtype not in STORED_DTYPES:
@@ -202,6 +198,15 @@ def _check_image(image: np.ndarray, ndims: tuple[int, ...], where: str) -> None:
         raise DataError(
             f"{where} holds {image.dtype} {image.shape}; expected {shape} in one of "
             f"{', '.join(str(d) for d in STORED_DTYPES)}; the shard is corrupt"
+        )
+
+
+def check_mask(valid: np.ndarray, image: np.ndarray, where: str) -> None:
+    """DataError unless a stored valid mask is bool and of its image's shape."""
+    if valid.shape != image.shape or valid.dtype != np.bool_:
+        raise DataError(
+            f"{where}: valid mask {valid.dtype} {valid.shape} does not match image "
+            f"{image.shape} (expected bool)"
         )
 
 
@@ -297,18 +302,14 @@ def decode_group(raw: dict) -> tuple[dict[str, tuple[np.ndarray, np.ndarray] | N
         if name not in members:
             raise DataError(f"{where}: sensor {sensor} is present but has no .{name} member")
         image = load_npy(members[name], f"{where}, .{name}")
-        _check_image(image, (3, 4), f"{where}, .{name}")
+        check_image(image, (3, 4), f"{where}, .{name}")
         _check_band_ids(row.get("band_ids"), image.shape[-3], f"{where}, sensor {sensor}")
         mask = members.get(group_member(sensor, VALID))
         if mask is None:
             valid = np.ones(image.shape, dtype=bool)
         else:
             valid = load_npy(mask, f"{where}, .{group_member(sensor, VALID)}")
-            if valid.shape != image.shape or valid.dtype != np.bool_:
-                raise DataError(
-                    f"{where}: sensor {sensor}'s valid mask {valid.dtype} {valid.shape} does not "
-                    f"match its image {image.shape} (expected bool)"
-                )
+            check_mask(valid, image, f"{where}, sensor {sensor}")
         if np.issubdtype(image.dtype, np.floating):
             valid = valid & np.isfinite(image)
         views[sensor] = (image, valid)

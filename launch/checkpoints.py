@@ -131,8 +131,9 @@ def newest_whole(directory: str | Path, is_main: bool = True) -> Checkpoint | No
         found, why = check(path)
         if found:
             pointer = directory / LATEST
-            if pointer.is_file() and pointer.read_text().strip() != found.tag:
-                log.info(f"{pointer} names {pointer.read_text().strip()}; resuming {found.tag}")
+            named = pointer.read_text().strip() if pointer.is_file() else found.tag
+            if named != found.tag:
+                log.info(f"{pointer} names {named}; resuming {found.tag}")
             return found
         log.warning(f"checkpoint {path} is torn ({why}); falling back to the one before it")
     return None

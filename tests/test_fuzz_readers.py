@@ -345,6 +345,22 @@ def write_scene(case: dict, src: Path) -> list[dict]:
     return records
 
 
+def data_error_of(build, *args, **kwargs) -> DataError | None:
+    """The DataError ``build(*args, **kwargs)`` raised (its warnings silenced), or None."""
+    try:
+        with quiet():
+            build(*args, **kwargs)
+    except DataError as exc:
+        return exc
+    return None
+
+
+def assert_refused(outcome: DataError | None, error: str, where: str = "") -> None:
+    """``outcome`` is a DataError matching the regex ``error`` and naming ``where``."""
+    assert outcome is not None, f"no DataError matching {error!r}"
+    assert re.search(error, str(outcome)) and where in str(outcome), (error, str(outcome))
+
+
 def expected_error(case: dict, records: list[dict]) -> str | None:
     """What the build must refuse before reading pixels (a regex the DataError must match)."""
     sensor = get_sensor(case["sensor"])
@@ -474,25 +490,19 @@ def test_geotiff_scenes_round_trip_or_raise_data_error(case):
         bands = case["bands"] if case["naming"] == "bands" else None
         error = expected_error(case, records)
         event(f"grid {case['mismatch']}, bands named by {case['naming']}, refused: {bool(error)}")
-        try:
-            with quiet():
-                build_shards(
-                    src,
-                    out,
-                    sensor.name,
-                    bands=bands,
-                    tile_size=case["tile"],
-                    shard_size=3,
-                    min_valid=case["min_valid"],
-                    progress=False,
-                )
-        except DataError as exc:
-            outcome = exc
-        else:
-            outcome = None
+        outcome = data_error_of(
+            build_shards,
+            src,
+            out,
+            sensor.name,
+            bands=bands,
+            tile_size=case["tile"],
+            shard_size=3,
+            min_valid=case["min_valid"],
+            progress=False,
+        )
         if error is not None:
-            assert outcome is not None, f"no DataError matching {error!r}"
-            assert re.search(error, str(outcome)), (error, str(outcome))
+            assert_refused(outcome, error)
             return
         model = model_scene(case, records)
         kept = expected_tiles(model, case)
@@ -796,25 +806,19 @@ def test_datacubes_round_trip_or_raise_data_error(case):
         written = write_cube(case, path)
         error = cube_error(case)
         event(f"{case['format']}, error {error}")
-        try:
-            with quiet():
-                build_cube_shards(
-                    path,
-                    out,
-                    case["sensor"],
-                    bands=case["select"],
-                    tile_size=case["tile"],
-                    shard_size=2,
-                    min_valid=case["min_valid"],
-                    progress=False,
-                )
-        except DataError as exc:
-            outcome = exc
-        else:
-            outcome = None
+        outcome = data_error_of(
+            build_cube_shards,
+            path,
+            out,
+            case["sensor"],
+            bands=case["select"],
+            tile_size=case["tile"],
+            shard_size=2,
+            min_valid=case["min_valid"],
+            progress=False,
+        )
         if error is not None:
-            assert outcome is not None, f"no DataError matching {error!r}"
-            assert re.search(error, str(outcome)) and str(path) in str(outcome), str(outcome)
+            assert_refused(outcome, error, str(path))
             return
         check_cube_shards(case, written, out, outcome)
 
