@@ -240,7 +240,9 @@ def score(split: PreparedSplit, protocol: str, seed: int) -> dict:
     if protocol == "linear":
         if data.task != "classification":
             raise DataError(f"linear probe scores single-label classification, not {data.task}")
-        result = linear_probe(train, y_train, test, y_test, n_classes=n_classes)
+        # The cell's seed seeds the probe's hold-out and shuffling, as ``eval linear --seed``
+        # does: the row then agrees with that command, and its interval spans the probe too.
+        result = linear_probe(train, y_train, test, y_test, n_classes=n_classes, seed=seed)
         return common | {
             "metrics": {"accuracy": result.accuracy},
             "details": {"best_lr": result.best_lr, "best_weight_decay": result.best_weight_decay},

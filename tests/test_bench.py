@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from eoforge.datasets.sensors import band_table, get_sensor
-from eoforge.finetune import bench
+from eoforge.finetune import bench, evaluate
 from eoforge.launch.cli import main
 from eoforge.models import create_model, save_release
 
@@ -197,3 +197,25 @@ def test_trained_protocols_and_the_supervised_baseline(sample_data, release, tmp
         supervised = bench.run_suite(suite, release, tmp_path / "out3", progress=False)
     assert {c["encoder"] for c in supervised["cells"]} == {"supervised"}
     assert all(0.0 <= c["metrics"]["accuracy"] <= 1.0 for c in supervised["cells"])
+
+
+def test_a_linear_cell_scores_what_eval_linear_scores_for_its_seed(suite_file, release, tmp_path):
+    """The seed of a cell seeds its probe (hold-out and shuffling) as ``eval linear --seed`` does,
+    so a bench row and the eval command agree on the same split, and seeds vary the probe too."""
+    suite = bench.load_suite(suite_file)
+    suite.protocols, suite.encoders = ["linear"], ["release"]
+    entry = suite.datasets[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = bench.run_suite(suite, release, tmp_path / "out", progress=False)
+        for cell in results["cells"]:
+            alone = evaluate.run_linear(
+                release,
+                f"{entry['name']}:{entry['root']}",
+                seed=cell["seed"],
+                progress=False,
+                **entry["options"],
+            )
+            assert alone["split_hash"] == cell["split_hash"]
+            assert alone["accuracy"] == cell["metrics"]["accuracy"], cell["seed"]
+            assert alone["best_lr"] == cell["details"]["best_lr"], cell["seed"]
