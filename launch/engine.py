@@ -62,11 +62,12 @@ def deepspeed_config(
     grad_clip: float,
     accumulation: int = 1,
     load_universal: bool = False,
+    overlap_comm: bool = False,
 ) -> dict:
     """The DeepSpeed JSON config eoforge runs with."""
     zero = {
         "stage": zero_stage,
-        "overlap_comm": torch.cuda.is_available(),
+        "overlap_comm": overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": 5e8,
         "allgather_bucket_size": 5e8,
@@ -93,7 +94,10 @@ class DeepSpeedEngine:
 
     ``accumulation``: micro-batches per optimizer step (``backward_step`` steps the optimizer on
     the last of them). ``load_universal``: ``load`` will resume a checkpoint written at another
-    world size, through DeepSpeed's universal checkpoint form.
+    world size, through DeepSpeed's universal checkpoint form. ``overlap_comm``: ZeRO's gradient
+    reduction overlaps the backward pass (default: on GPUs). ``compile``: the objective runs
+    through ``torch.compile`` inside DeepSpeed (``engine.compile()``), drawing its random numbers
+    as eager code does; the first steps then pay the compilation.
     """
 
     def __init__(
@@ -109,6 +113,8 @@ class DeepSpeedEngine:
         grad_clip: float = 1.0,
         accumulation: int = 1,
         load_universal: bool = False,
+        overlap_comm: bool | None = None,
+        compile: bool = False,
     ):
         deepspeed = import_deepspeed()
         self.precision = resolve_precision(precision)
@@ -116,12 +122,27 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(
             groups, lr=lr, betas=tuple(betas), fused=torch.cuda.is_available()
         )
+        if overlap_comm is None:
+            overlap_comm = torch.cuda.is_available()
         config = deepspeed_config(
-            micro_batch, zero_stage, self.precision, grad_clip, accumulation, load_universal
+            micro_batch,
+            zero_stage,
+            self.precision,
+            grad_clip,
+            accumulation,
+            load_universal,
+            overlap_comm,
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config, dist_init_required=False
         )
+        if compile:
+            # Compiled code would draw random numbers (masks, noise) from its own generator; the
+            # eager one keeps a run's masks the same with and without compile, and on resume.
+            import torch._inductor.config as inductor
+
+            inductor.fallback_random = True
+            self.engine.compile()
         self.device = self.engine.device
         self.zero_stage = zero_stage
         self.load_universal = load_universal

@@ -127,6 +127,10 @@ class EngineConfig:
     # A micro-batch whose loss is NaN/Inf (on any rank) is skipped and counted; this many in a
     # row save a checkpoint and stop the run.
     nonfinite_limit: int = 5
+    # torch.compile the objective inside DeepSpeed: about 10% faster per step on an H100
+    # (perf/results/gpu_h100), at the price of a compilation at start-up and whenever the
+    # batch's shapes change (another sensor, band count or crop size).
+    compile: bool = False
 
 
 @dataclass

@@ -110,6 +110,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         grad_clip=cfg.engine.grad_clip,
         accumulation=accumulation,
         load_universal=resized,
+        compile=cfg.engine.compile,
     )
     # Batches are normalised on the training device (see ShardStream's device).
     stream = build_stream(cfg.data, shard_dirs, seed=cfg.seed, device=engine.device)
