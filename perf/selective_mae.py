@@ -9,14 +9,15 @@ Sentinel-2 batch (random pixels: the step does the same work whatever they hold)
 * ``mae``: ``eoforge.pretrain.mae.MAE`` (75% masking, 8 self-attention decoder blocks over all
   patches), the same encoder and decoder widths;
 * ``ref_mae``: ``RefMAE`` from ``../shared/bench/ref_mae.py`` (imported by path, ``--ref``), the
-  plain reference recipe at the same shapes (eager: this runs on CPU, where compiling is not
-  what is measured).
+  plain reference recipe at the same shapes (eager on a CPU, where compiling is not what is
+  measured; ``torch.compile``d on a GPU, with ``ref_mae_eager`` beside it).
 
-A step is forward + backward + ``AdamW.step`` + ``zero_grad``, fp32. The models are timed in
+A step is forward + backward + ``AdamW.step`` + ``zero_grad``: fp32 on a CPU, bf16 autocast and
+fused AdamW on a GPU (ViT-B/16, 224^2, batch 256, as PERFORMANCE.md). The models are timed in
 rounds, the order rotating every round so drift and thermal state fall on all of them alike;
 each round times ``--steps`` steps of each model, and the figure per model is the median over
-rounds. Ratios are of those medians. Gate (PERFORMANCE.md): SelectiveMAE >= 1.4x MAE's
-throughput; goal 2.0x.
+rounds. Ratios are of those medians. Gate (PERFORMANCE.md): SelectiveMAE >= 1.4x the
+throughput of MAE (CPU) or of the compiled reference MAE (GPU); goal 2.0x.
 
 Usage: ``python perf/selective_mae.py [--smoke] [--out perf/results] [--threads 1]``; writes
 selective_mae.json and .md into --out.
@@ -48,6 +49,10 @@ GATE, GOAL = 1.4, 2.0
 FULL = dict(
     img=128, patch=16, bands=12, batch=4, dim=384, depth=12, heads=6,
     decoder_dim=512, decoder_depth=8, decoder_heads=16, rounds=9, steps=1, warmup=1,
+)  # fmt: skip
+GPU = dict(
+    img=224, patch=16, bands=12, batch=256, dim=768, depth=12, heads=12,
+    decoder_dim=512, decoder_depth=8, decoder_heads=16, rounds=5, steps=10, warmup=3,
 )  # fmt: skip
 SMOKE = dict(
     img=32, patch=8, bands=12, batch=2, dim=64, depth=2, heads=4,
@@ -94,22 +99,36 @@ def load_ref_mae(path: Path):
     return module.RefMAE
 
 
-def train_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    """One forward + backward + AdamW step of ``model`` (MAE's published optimiser settings)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+def train_step(
+    model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device
+) -> Callable[[], None]:
+    """One forward + backward + AdamW step of ``model`` (MAE's published optimiser settings);
+    bf16 autocast and the fused AdamW on a GPU."""
+    gpu = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=gpu
+    )
 
     def step() -> None:
-        loss_fn().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            loss = loss_fn()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def build_steps(cfg: dict, ref_path: Path) -> dict[str, Callable[[], None]]:
-    batch = s2_batch(cfg)
-    selective = SelectiveMAE(encoder(cfg), **decoder(cfg))
-    mae = MAE(encoder(cfg), **decoder(cfg))
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch of ``s2_batch`` with its tensors on ``device``."""
+    view = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch["S2L2A"].items()}
+    return {"S2L2A": view, "meta": batch["meta"]}
+
+
+def build_steps(cfg: dict, ref_path: Path, device: torch.device) -> dict[str, Callable[[], None]]:
+    batch = to_device(s2_batch(cfg), device)
+    selective = SelectiveMAE(encoder(cfg), **decoder(cfg)).to(device)
+    mae = MAE(encoder(cfg), **decoder(cfg)).to(device)
     counter = {"step": 0}
 
     def selective_loss() -> torch.Tensor:
@@ -119,8 +138,8 @@ def build_steps(cfg: dict, ref_path: Path) -> dict[str, Callable[[], None]]:
         return selective(batch)["loss"]
 
     steps = {
-        "selective_mae": train_step(selective, selective_loss),
-        "mae": train_step(mae, lambda: mae(batch)["loss"]),
+        "selective_mae": train_step(selective, selective_loss, device),
+        "mae": train_step(mae, lambda: mae(batch)["loss"], device),
     }
     ref_cls = load_ref_mae(ref_path)
     if ref_cls is not None:
@@ -129,13 +148,25 @@ def build_steps(cfg: dict, ref_path: Path) -> dict[str, Callable[[], None]]:
             img=cfg["img"], patch=cfg["patch"], chans=cfg["bands"], dim=cfg["dim"],
             depth=cfg["depth"], heads=cfg["heads"], ddim=cfg["decoder_dim"],
             ddepth=cfg["decoder_depth"], dheads=cfg["decoder_heads"],
-        )  # fmt: skip
+        ).to(device)  # fmt: skip
         images = batch["S2L2A"]["image"]
-        steps["ref_mae"] = train_step(ref, lambda: ref(images, 0.75))
+        if device.type == "cuda":
+            compiled = torch.compile(ref)
+            steps["ref_mae"] = train_step(ref, lambda: compiled(images, 0.75), device)
+            steps["ref_mae_eager"] = train_step(ref, lambda: ref(images, 0.75), device)
+        else:
+            steps["ref_mae"] = train_step(ref, lambda: ref(images, 0.75), device)
     return steps
 
 
-def time_rounds(steps: dict[str, Callable[[], None]], cfg: dict) -> dict[str, list[float]]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_rounds(
+    steps: dict[str, Callable[[], None]], cfg: dict, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds per step of each model in every round, the model order rotating per round."""
     for step in steps.values():
         for _ in range(cfg["warmup"]):
@@ -144,9 +175,11 @@ def time_rounds(steps: dict[str, Callable[[], None]], cfg: dict) -> dict[str, li
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(cfg["rounds"]):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
             start = time.perf_counter()
             for _ in range(cfg["steps"]):
                 steps[name]()
+            sync(device)
             samples[name].append((time.perf_counter() - start) / cfg["steps"])
     return samples
 
@@ -154,14 +187,15 @@ def time_rounds(steps: dict[str, Callable[[], None]], cfg: dict) -> dict[str, li
 def markdown(result: dict) -> str:
     cfg, machine, gate = result["config"], result["machine"], result["gate"]
     lines = [
-        "# SelectiveMAE vs MAE, training step (forward + backward + AdamW), CPU",
+        f"# SelectiveMAE vs MAE, training step (forward + backward + AdamW), {result['device']}",
         "",
         f"Machine: {machine['processor'] or machine['machine']}, {machine['cpu_count']} CPUs "
-        f"({machine['torch_threads']} torch thread(s)), torch {machine['torch']}, "
+        f"({machine['torch_threads']} torch thread(s)), {result['device']}, torch "
+        f"{machine['torch']}, "
         f"{result['date']}. Encoder ViT D={cfg['dim']}, depth {cfg['depth']}, {cfg['heads']} "
         f"heads, patch {cfg['patch']}; decoder {cfg['decoder_dim']} x {cfg['decoder_depth']} "
         f"({cfg['decoder_heads']} heads); batch {cfg['batch']} x {cfg['bands']} bands x "
-        f"{cfg['img']}^2 px ({result['patches']} patches), fp32, eager. Median over "
+        f"{cfg['img']}^2 px ({result['patches']} patches), {result['precision']}. Median over "
         f"{cfg['rounds']} interleaved rounds of {cfg['steps']} step(s).",
         "",
         "| model | ms / step | img/s | x ref_mae | range over rounds (ms) |",
@@ -177,7 +211,7 @@ def markdown(result: dict) -> str:
     goal = "reached" if gate["speedup"] >= GOAL else "not reached"
     lines += [
         "",
-        f"**Gate**: SelectiveMAE is {gate['speedup']:.2f}x MAE's throughput per step "
+        f"**Gate**: SelectiveMAE is {gate['speedup']:.2f}x {gate['against']}'s throughput per step "
         f"(needs {GATE}x): {verdict}. Goal {GOAL}x: {goal}. Per round (paired): "
         f"{min(gate['speedup_per_round']):.2f}x-{max(gate['speedup_per_round']):.2f}x.",
     ]
@@ -193,12 +227,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--ref", type=Path, default=REF_MAE, help="path of ref_mae.py")
     args = parser.parse_args(argv)
-    cfg = dict(SMOKE if args.smoke else FULL)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    gpu = device.type == "cuda"
+    cfg = dict(SMOKE if args.smoke else GPU if gpu else FULL)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    if not gpu:
+        torch.set_num_threads(args.threads)
     try:
-        samples = time_rounds(build_steps(cfg, args.ref), cfg)
+        samples = time_rounds(build_steps(cfg, args.ref, device), cfg, device)
     finally:
         torch.set_num_threads(threads)
     models = {}
@@ -208,22 +245,27 @@ def main(argv: list[str] | None = None) -> dict:
     if "ref_mae" in models:
         for row in models.values():
             row["vs_ref"] = models["ref_mae"]["step_s"] / row["step_s"]
-    speedup = models["mae"]["step_s"] / models["selective_mae"]["step_s"]
+    # On a GPU the yardstick is the compiled reference (PERFORMANCE.md); on a CPU, eoforge's MAE.
+    against = "ref_mae" if gpu and "ref_mae" in models else "mae"
+    speedup = models[against]["step_s"] / models["selective_mae"]["step_s"]
     result = {
         "benchmark": "selective_mae",
         "smoke": args.smoke,
         "date": now(),
-        "machine": machine(args.threads),
+        "device": torch.cuda.get_device_name() if gpu else "CPU",
+        "precision": "bf16 autocast, ref_mae compiled" if gpu else "fp32, eager",
+        "machine": machine(torch.get_num_threads() if gpu else args.threads),
         "config": cfg,
         "patches": (cfg["img"] // cfg["patch"]) ** 2,
         "models": models,
         "gate": {
             "speedup": speedup,
+            "against": against,
             # Rounds interleave the models, so each round's ratio is a paired measurement.
             "speedup_per_round": [
                 m / s
                 for m, s in zip(
-                    models["mae"]["samples_s"], models["selective_mae"]["samples_s"], strict=True
+                    models[against]["samples_s"], models["selective_mae"]["samples_s"], strict=True
                 )
             ],
             "gate": GATE,
@@ -231,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
             "pass": speedup >= GATE,
         },
     }
-    write_results(args.out, "selective_mae", result, markdown)
+    name = "selective_mae_gpu" if gpu else "selective_mae"
+    write_results(args.out, name, result, markdown)
     return result
 
 
