@@ -88,7 +88,8 @@ from eoforge.datasets.shards import (
 from eoforge.datasets.stats import Normaliser
 
 Transform = Callable[[dict, torch.Generator], dict]
-STATE_VERSION = 1
+# 2: shards named by their index in the source, the in-shard shuffle seeded by it (not the path).
+STATE_VERSION = 2
 PREFETCH = 2  # batches a DataLoader worker may run ahead of the consumer
 RING = PREFETCH + 2  # a worker's reused buffers per batch shape (see BufferRing)
 MAX_BAD_FRACTION_KEY = "data.max_bad_fraction"  # the config key named when the limit stops a run
@@ -348,9 +349,11 @@ class ShardStream:
 
     def worker_shards(
         self, source: Source, epoch: int, rank: int, world_size: int, worker: int, workers: int
-    ) -> list[str]:
-        """One worker's shards of a source in one epoch, in reading order."""
-        order = list(source.shards)
+    ) -> list[int]:
+        """One worker's shards of a source in one epoch, in reading order, as indices into
+        ``source.shards``: positions name shards so, never by path, and stay valid when the
+        shards are read from another place (staged to a node's local disk, say)."""
+        order = list(range(len(source.shards)))
         random.Random(f"{self.seed}:{source.key}:{epoch}").shuffle(order)
         return order[rank::world_size][worker::workers]
 
@@ -605,18 +608,19 @@ class ShardStream:
             sample = self.transform(sample, torch.Generator().manual_seed(seed))
         return sample
 
-    def shard_samples(self, url: str, epoch: int) -> Iterator[dict]:
-        """Raw samples of one shard, shuffled within the shard by a buffer seeded by
-        (seed, epoch, shard): the same order whenever the shard is read again.
+    def shard_samples(self, source: Source, shard: int, epoch: int) -> Iterator[dict]:
+        """Raw samples of shard ``shard`` of ``source``, shuffled within the shard by a buffer
+        seeded by (seed, epoch, source, shard index): the same order whenever the shard is read
+        again, wherever it lies.
 
         Raises:
             DataError: where the shard breaks off (truncated, corrupt), after the samples read
                 before the damage, those in the buffer included.
         """
-        rng = random.Random(f"{self.seed}:{epoch}:{url}")
+        rng = random.Random(f"{self.seed}:{epoch}:{source.key}:{shard}")
         buffer: list[dict] = []
         try:
-            for raw in iter_tar_samples(url):
+            for raw in iter_tar_samples(source.shards[shard]):
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(raw)
                     continue
@@ -649,7 +653,7 @@ class ShardStream:
     def empty_epoch_error(self, source: Source, epoch: int, layout: tuple) -> DataError:
         """The error for a source whose epoch gives a worker no full batch."""
         rank, world_size, worker, workers = layout
-        shards = self.worker_shards(source, epoch, *layout)
+        shards = [source.shards[i] for i in self.worker_shards(source, epoch, *layout)]
         counts = shard_sample_counts(shards)
         known = all(v is not None for v in counts.values())
         held = f"{sum(counts.values())} samples" if known else "an unknown number of samples"
@@ -689,8 +693,8 @@ class _SourceReader:
         self.stream, self.source, self.layout, self.buffers = stream, source, layout, buffers
         self.counts = counts
         self.epoch, self.shard, self.offset = (position[k] for k in ("epoch", "shard", "offset"))
-        # [[shard, first offset], ...]: this epoch's shards when a position was remapped to
-        # another world size (ShardStream.remapped_state); None: the usual layout.
+        # [[shard index, first offset], ...]: this epoch's shards when a position was remapped
+        # to another world size (ShardStream.remapped_state); None: the usual layout.
         self.plan = position.get("plan")
         self._samples: Iterator | None = None
         self._from_start = False
@@ -705,11 +709,12 @@ class _SourceReader:
             shards = self.stream.worker_shards(self.source, self.epoch, *self.layout)
             starts = [0] * len(shards)
         else:
-            shards, starts = [url for url, _ in self.plan], [offset for _, offset in self.plan]
+            shards, starts = [i for i, _ in self.plan], [offset for _, offset in self.plan]
         for j in range(self.shard, len(shards)):  # shards before the position are not opened
             skip = self.offset if j == self.shard else starts[j]
             try:
-                for n, raw in enumerate(self.stream.shard_samples(shards[j], self.epoch)):
+                samples = self.stream.shard_samples(self.source, shards[j], self.epoch)
+                for n, raw in enumerate(samples):
                     if n >= skip:  # samples before the offset are read, never decoded
                         yield j, n + 1, raw
             except DataError as err:
@@ -717,7 +722,7 @@ class _SourceReader:
                 self._count_bad(TRUNCATED_SHARD)
                 LOG.warning(
                     "skipped the rest of shard %s (%s): %s; reading goes on with the next shard",
-                    shards[j],
+                    self.source.shards[shards[j]],
                     TRUNCATED_SHARD,
                     err,
                 )
@@ -763,7 +768,7 @@ class _SourceReader:
 
 def _unread(stream: ShardStream, source: Source, saved: Sequence[dict]) -> tuple[int, list]:
     """(the earliest epoch of ``source`` any saved worker was in, what its workers had left of
-    it as [[shard, offset], ...]) from the positions of every old rank (``remapped_state``)."""
+    it as [[shard index, offset], ...]) from the positions of every old rank (``remapped_state``)."""
     positions = []
     for state in saved:
         workers = max(1, state["num_workers"])
@@ -781,7 +786,7 @@ def _unread(stream: ShardStream, source: Source, saved: Sequence[dict]) -> tuple
         if position["epoch"] != epoch:
             continue  # done with this epoch
         plan = position.get("plan") or [
-            [url, 0] for url in stream.worker_shards(source, epoch, *layout)
+            [shard, 0] for shard in stream.worker_shards(source, epoch, *layout)
         ]
         j = position["shard"]
         if j < len(plan):

@@ -6,6 +6,7 @@ runs that resume mid-epoch and log a validation loss."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from collections import Counter
 from itertools import islice
@@ -160,6 +161,26 @@ def test_resume_under_two_ranks_and_two_workers_repeats_and_skips_nothing(mixed)
         assert Counter(i for b in before + after for i in b) == Counter(i for b in full for i in b)
     with pytest.raises(DataError, match="num_workers=2 but this stream has num_workers=0"):
         make(mixed, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_resume_from_shards_copied_elsewhere_continues_the_same_order(mixed, tmp_path):
+    """Positions and the in-shard shuffle name shards by their place in the source, not by
+    path: a run resumed on shards staged to another folder (a node's local disk, a new mount)
+    reads exactly what the uninterrupted run reads."""
+    folders, normaliser, _ = mixed
+    moved = [
+        shutil.copytree(folder, tmp_path / "staged" / folder.name) for folder in folders.values()
+    ]
+    options = {"batch_size": 2, "seed": 0, "shuffle_buffer": 4, "num_workers": 2}
+    full = ids_of(islice(make(mixed, num_workers=2).iter_batches(), 30))
+    first = make(mixed, num_workers=2)
+    before = ids_of(islice(first.iter_batches(), 13))
+    resumed = ShardStream(moved, normaliser, **options)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    after = ids_of(islice(resumed.iter_batches(), 17))
+    assert before + after == full
+    # And from the start: the copies are read in the same order as the originals.
+    assert ids_of(islice(ShardStream(moved, normaliser, **options).iter_batches(), 30)) == full
 
 
 def first_epoch_after_remap(mixed, saved, world_size: int, num_workers: int) -> list:
