@@ -218,9 +218,11 @@ def test_nonfinite_losses_in_a_row_stop_with_a_checkpoint(single, cache, tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_on_another_world_size(cache, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_another_world_size(cache, tmp_path, stage):
     run = tmp_path / "run"
     args = [*RUN, "steps=6", "save_every=100", "data.batch_size=4", f"run_dir={run}"]
+    args += [f"engine.zero_stage={stage}"]
     eoforge(["pretrain", *args, "stop_at=3"], cache, nproc=2)
     first = {r: trained_lines_of(run, r) for r in (0, 1)}
     resumed = eoforge(["pretrain", *args], cache)  # one rank now
@@ -238,10 +240,10 @@ def test_resume_on_another_world_size(cache, tmp_path):
 def check_universal_load(checkpoint: Path, cache: Path) -> None:
     """Load the 2-rank checkpoint on one rank through the universal form, in a fresh process:
     weights equal the 2-rank checkpoint's consolidated fp32 weights, and the Adam moments equal
-    the universal files'."""
+    the universal files' (gathered from their ZeRO-3 partitions where the run used ZeRO-3)."""
     script = f"""
 import torch
-from deepspeed.utils import safe_get_full_optimizer_state
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from eoforge.launch.checkpoints import check
 from eoforge.launch.distributed import DistEnv, free_port, init_distributed
@@ -257,15 +259,18 @@ cfg = load_config(PretrainConfig, checkpoint.path.parents[1] / "config.yaml")
 torch.manual_seed(123)  # other initial weights: everything must come from the checkpoint
 objective = build_objective(cfg.objective, create_model(cfg.model.name, **cfg.model.kwargs))
 engine = DeepSpeedEngine(objective, micro_batch=4, lr=1e-3, weight_decay=0.05,
-                         betas=(0.9, 0.95), precision="fp32", load_universal=True)
+                         betas=(0.9, 0.95), precision="fp32", load_universal=True,
+                         zero_stage=cfg.engine.zero_stage)
 state = engine.load(checkpoint)
 assert state["step"] == 3, state["step"]
 reference = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), checkpoint.tag)
 universal = checkpoint.path.parent / ".universal" / checkpoint.tag / "zero"
 for name, param in engine.engine.module.named_parameters():
-    torch.testing.assert_close(param.detach(), reference[name], rtol=0, atol=0)
-    saved = torch.load(universal / name / "exp_avg.pt", weights_only=True)["param"]
-    torch.testing.assert_close(safe_get_full_optimizer_state(param, "exp_avg"), saved.view_as(param))
+    full = safe_get_full_fp32_param(param)  # the whole tensor under ZeRO-3 too
+    torch.testing.assert_close(full, reference[name], rtol=0, atol=0)
+    saved = torch.load(universal / name / "exp_avg.pt", weights_only=True)
+    saved = saved["param"] if isinstance(saved, dict) else saved  # ZeRO-3 writes the bare tensor
+    torch.testing.assert_close(safe_get_full_optimizer_state(param, "exp_avg"), saved.view_as(full))
 print("universal load ok")
 """
     out = subprocess.run(
