@@ -245,7 +245,11 @@ def score(split: PreparedSplit, protocol: str, seed: int) -> dict:
         result = linear_probe(train, y_train, test, y_test, n_classes=n_classes, seed=seed)
         return common | {
             "metrics": {"accuracy": result.accuracy},
-            "details": {"best_lr": result.best_lr, "best_weight_decay": result.best_weight_decay},
+            "details": {
+                "best_lr": result.best_lr,
+                "best_weight_decay": result.best_weight_decay,
+                "lr_at_grid_edge": result.lr_at_grid_edge,
+            },
         }
     result = knn_probe(train, y_train, test, y_test, n_classes=n_classes)
     details = {"k": result.k, "temperature": result.temperature}
@@ -353,6 +357,14 @@ def markdown(results: dict) -> str:
             f"| {r['dataset']} | {r['protocol']} | {r['encoder']} | {r['metric']} | "
             f"{r['mean']:.4f} ± {r['ci95']:.4f} | {r['n_seeds']} | {r['band_policy']} |"
         )
+    linear = [c for c in results["cells"] if c["protocol"] == "linear"]
+    edge = [c for c in linear if c["details"].get("lr_at_grid_edge")]
+    if edge:
+        lines += [
+            "",
+            f"In {len(edge)} of {len(linear)} linear-probe cells the selected learning rate is "
+            "the grid's largest or smallest: a better one may lie beyond the grid.",
+        ]
     return "\n".join(lines) + "\n"
 
 

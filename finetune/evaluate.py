@@ -162,6 +162,7 @@ def run_linear(
         "test_majority_share": probe.test_majority_share,
         "best_lr": probe.best_lr,
         "best_weight_decay": probe.best_weight_decay,
+        "lr_at_grid_edge": probe.lr_at_grid_edge,
         "val_accuracy": probe.val_accuracy,
         "per_class_accuracy": {
             data.class_names[c]: acc for c, acc in sorted(probe.per_class_accuracy.items())

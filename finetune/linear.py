@@ -11,6 +11,7 @@ the test labels are only used to score that one head.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ class ProbeResult:
             prediction scores higher, so it is the stricter floor where the class mix shifts
             between splits (spatially blocked ones).
         best_lr, best_weight_decay: hyperparameters of the selected head.
+        lr_at_grid_edge: the selected learning rate is the grid's largest or smallest, so the
+            best one may lie outside it (a warning says which way to widen ``lrs``).
         best_head: index of the selected head in ``grid``.
         val_accuracy: held-out accuracy of the selected head.
         grid: one {lr, weight_decay, val_accuracy, val_loss} per head, in head order.
@@ -71,6 +74,7 @@ class ProbeResult:
     test_majority_share: float
     best_lr: float
     best_weight_decay: float
+    lr_at_grid_edge: bool
     best_head: int
     val_accuracy: float
     grid: list[dict[str, float]]
@@ -200,6 +204,14 @@ def linear_probe(
         val_loss = torch.nan_to_num(val_loss, nan=math.inf)
         best = min(range(len(pairs)), key=lambda h: (-val_acc[h].item(), val_loss[h].item(), h))
         predictions = grid(test_features)[best].argmax(-1)  # [M]
+    best_lr = pairs[best][0]
+    side = grid_edge(best_lr, lrs)
+    if side:
+        warnings.warn(
+            f"linear probe: the selected learning rate {best_lr:g} is the grid's {side} "
+            f"({', '.join(f'{lr:g}' for lr in lrs)}); a better one may lie beyond it: widen lrs",
+            stacklevel=2,
+        )
     correct = predictions == test_labels
     majority = torch.bincount(train_labels, minlength=n_classes).argmax()
     return ProbeResult(
@@ -209,8 +221,9 @@ def linear_probe(
         },
         majority_baseline=(test_labels == majority).sum().item() / len(test_labels),
         test_majority_share=torch.bincount(test_labels).max().item() / len(test_labels),
-        best_lr=pairs[best][0],
+        best_lr=best_lr,
         best_weight_decay=pairs[best][1],
+        lr_at_grid_edge=side is not None,
         best_head=best,
         val_accuracy=val_acc[best].item(),
         grid=[
@@ -225,6 +238,13 @@ def linear_probe(
         n_fit=len(fit),
         n_val=len(val),
     )
+
+
+def grid_edge(lr: float, lrs: Sequence[float]) -> str | None:
+    """ "largest" or "smallest" where ``lr`` is that end of a grid of several rates, else None."""
+    if len(set(lrs)) < 2:
+        return None
+    return "largest" if lr == max(lrs) else "smallest" if lr == min(lrs) else None
 
 
 def stratified_holdout(

@@ -219,3 +219,25 @@ def test_a_linear_cell_scores_what_eval_linear_scores_for_its_seed(suite_file, r
             assert alone["split_hash"] == cell["split_hash"]
             assert alone["accuracy"] == cell["metrics"]["accuracy"], cell["seed"]
             assert alone["best_lr"] == cell["details"]["best_lr"], cell["seed"]
+            assert alone["lr_at_grid_edge"] == cell["details"]["lr_at_grid_edge"]
+    # The table says how many cells chose a learning rate at the end of the grid.
+    edge = sum(cell["details"]["lr_at_grid_edge"] for cell in results["cells"])
+    table = (tmp_path / "out" / "results.md").read_text()
+    sentence = f"In {edge} of {len(results['cells'])} linear-probe cells"
+    assert (sentence in table) == (edge > 0)
+
+
+def test_the_table_counts_linear_cells_whose_rate_sits_at_the_grid_edge():
+    def cell(protocol: str, edge: bool) -> dict:
+        return {"protocol": protocol, "details": {"lr_at_grid_edge": edge}}
+
+    results = {
+        "suite": {"name": "s", "seeds": [0, 1, 2]},
+        "release": "r",
+        "rows": [],
+        "cells": [cell("linear", True), cell("linear", False), cell("linear", True)]
+        + [cell("knn", False)],
+    }
+    assert "In 2 of 3 linear-probe cells the selected learning rate" in bench.markdown(results)
+    results["cells"] = [cell("linear", False), cell("knn", False)]
+    assert "linear-probe cells" not in bench.markdown(results)

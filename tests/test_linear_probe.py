@@ -81,6 +81,18 @@ def test_linearly_separable_features_are_learned():
     assert len(result.grid) == len(linear.DEFAULT_LRS) * len(linear.DEFAULT_WEIGHT_DECAYS)
 
 
+def test_a_selected_learning_rate_at_the_grid_edge_is_flagged():
+    train_x, train_y = _separable(60, seed=4)
+    test_x, test_y = _separable(20, seed=4)
+    # Every rate far too small for 5 epochs: the largest learns most and is chosen.
+    with pytest.warns(UserWarning, match=r"selected learning rate 1e-05 is the grid's largest"):
+        low = linear_probe(train_x, train_y, test_x, test_y, lrs=(1e-7, 1e-6, 1e-5), epochs=5)
+    assert low.lr_at_grid_edge and low.best_lr == 1e-5
+    assert linear.grid_edge(1e-3, (1e-3, 0.1, 1.0)) == "smallest"
+    assert linear.grid_edge(0.1, (1e-3, 0.1, 1.0)) is None
+    assert linear.grid_edge(0.1, (0.1, 0.1)) is None  # one rate: no edge to speak of
+
+
 def test_selection_never_looks_at_test_labels():
     train_x, train_y = _separable(60, seed=2)
     train_x = train_x + 4.0 * torch.randn(train_x.shape, generator=torch.Generator().manual_seed(3))
