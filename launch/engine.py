@@ -82,6 +82,8 @@ def deepspeed_config(
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12},
+        # fp32 weights and optimizer, bf16 compute under torch.autocast (DeepSpeed >= 0.16).
+        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

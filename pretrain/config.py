@@ -122,7 +122,9 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 2  # 1, 2 or 3
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
+    # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, or bf16-autocast (fp32 weights,
+    # bf16 compute under torch.autocast)
+    precision: str = "auto"
     grad_clip: float = 1.0
     # A micro-batch whose loss is NaN/Inf (on any rank) is skipped and counted; this many in a
     # row save a checkpoint and stop the run.
@@ -162,9 +164,10 @@ class PretrainConfig:
         """Impossible combinations fail here, before any process group starts, naming the key."""
         if self.engine.zero_stage not in (1, 2, 3):
             raise ValueError(f"engine.zero_stage={self.engine.zero_stage}: must be 1, 2 or 3")
-        if self.engine.precision not in ("auto", "bf16", "fp16", "fp32"):
+        if self.engine.precision not in ("auto", "bf16", "fp16", "fp32", "bf16-autocast"):
             raise ValueError(
-                f"engine.precision={self.engine.precision!r}: use auto, bf16, fp16 or fp32"
+                f"engine.precision={self.engine.precision!r}: use auto, bf16, fp16, fp32 or "
+                "bf16-autocast"
             )
         if self.engine.nonfinite_limit < 1:
             raise ValueError(f"engine.nonfinite_limit={self.engine.nonfinite_limit}: must be >= 1")

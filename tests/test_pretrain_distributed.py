@@ -98,15 +98,40 @@ def test_zero1_bf16_single_process(tmp_path, cache):
     assert load_release(run / "release").card["steps"] == 4
 
 
-def test_compiled_objective_trains_like_the_eager_one(tmp_path, cache):
+SHORT = ["steps=3", "log_every=1", "image_every=100", "release.export=false"]
+
+
+@pytest.fixture(scope="module")
+def eager_fp32_losses(tmp_path_factory, cache):
+    run = tmp_path_factory.mktemp("eager")
+    eoforge(["pretrain", f"run_dir={run}", "engine.precision=fp32", *SHORT], cache)
+    return scalars(run, "loss")
+
+
+def test_compiled_objective_trains_like_the_eager_one(tmp_path, cache, eager_fp32_losses):
     """engine.compile=true runs the objective through torch.compile inside DeepSpeed (the
     faster path on a GPU); it draws the same masks, so its losses equal the eager run's."""
-    args = ["steps=3", "log_every=1", "image_every=100", "engine.precision=fp32"]
-    args += ["release.export=false"]
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    eoforge(["pretrain", f"run_dir={eager}", *args], cache)
-    eoforge(["pretrain", f"run_dir={compiled}", "engine.compile=true", *args], cache)
-    expected, got = scalars(eager, "loss"), scalars(compiled, "loss")
+    args = ["engine.compile=true", "engine.precision=fp32", *SHORT]
+    eoforge(["pretrain", f"run_dir={tmp_path}", *args], cache)
+    got = scalars(tmp_path, "loss")
     assert sorted(got) == [1, 2, 3]
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+    for step, expected in eager_fp32_losses.items():
+        assert got[step] == pytest.approx(expected, rel=1e-4), step
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_follows_the_fp32_run(
+    tmp_path, cache, eager_fp32_losses
+):
+    """engine.precision=bf16-autocast: fp32 weights and optimizer, bf16 matmuls under
+    torch.autocast; the losses stay within bf16's rounding of the fp32 run's."""
+    eoforge(["pretrain", f"run_dir={tmp_path}", "engine.precision=bf16-autocast", *SHORT], cache)
+    got = scalars(tmp_path, "loss")
+    assert sorted(got) == [1, 2, 3]
+    for step, expected in eager_fp32_losses.items():
+        assert got[step] == pytest.approx(expected, rel=2e-2), step
+    assert got != eager_fp32_losses  # the matmuls did run in bf16
+    # The module's weights stay fp32 (the bf16 mode would save them in bf16).
+    checkpoint = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+    states = torch.load(next(checkpoint.glob("*model_states.pt")), weights_only=False)
+    weights = [v for v in states["module"].values() if v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float32 for v in weights)
