@@ -6,10 +6,11 @@ Timed side by side in one process, at equal shapes, on one synthetic 12-band Sen
 * ``eoforge_zero2``: ``eoforge.pretrain.mae.MAE`` on a ``SpectralViT`` with the spectrum-aware
   tokenizer, through ``eoforge.launch.engine.DeepSpeedEngine`` (ZeRO-2; bf16 on a GPU, fp32 on
   a CPU) — the production path, batch contract in, loss out;
-* on a GPU also ``eoforge_zero2_compiled`` (the same with ``engine.compile``),
-  ``eoforge_zero2_compiled_guarded``: that step plus the training loop's per-step read of the
-  loss's finiteness (``NonFiniteGuard``), the one host synchronisation of the loop, and
-  ``eoforge_zero2_compiled_no_overlap``: with ZeRO's ``overlap_comm`` off (on by default);
+* on a GPU also (``GPU_ROWS``): the same compiled (``engine.compile``); compiled plus the
+  training loop's per-step read of the loss's finiteness (``NonFiniteGuard``, the loop's one
+  host synchronisation; the gated row); compiled with fp32 weights and bf16 autocast
+  (``bf16-autocast``); compiled under ZeRO-1; and the same objective compiled in plain torch
+  without DeepSpeed, the model's own speed;
 * ``ref_zero2``: ``RefMAE`` of ``../shared/bench/ref_mae.py`` through ``deepspeed.initialize``
   with ZeRO-2 as ``ref_mae_deepspeed.py`` configures it, plus ``engine.compile()`` on a GPU;
 * ``ref_plain``: ``RefMAE`` in plain torch with fused AdamW and bf16 autocast, compiled with
@@ -23,7 +24,8 @@ loop runs with ``engine.compile: true`` (``eoforge_zero2_compiled_guarded``) >= 
 img/s; goals: >= 1.0x ref_plain and MFU >= 45%. On a CPU the ratios are reported.
 
 Usage: ``python perf/mae_step.py [--smoke] [--out perf/results] [--ref PATH]``; writes
-mae_step.json and .md into --out. ``--smoke`` runs the same code at tiny shapes on a CPU.
+mae_step.json and .md into --out. ``--smoke`` runs the same code at tiny shapes on a CPU, with
+the GPU rows' kinds uncompiled (``SMOKE_ROWS``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from selective_mae import REF_MAE, S2_BANDS, load_ref_mae, s2_batch, sync, to_device
+from selective_mae import REF_MAE, S2_BANDS, load_ref_mae, s2_batch, sync, to_device, train_step
 
 from eoforge.launch.distributed import import_deepspeed, init_distributed
 from eoforge.launch.engine import DeepSpeedEngine
@@ -62,38 +64,72 @@ SMOKE = dict(
 ADAMW = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
 
-def eoforge_step(
-    cfg: dict,
-    device: torch.device,
-    compile: bool = False,
-    guard: bool = False,
-    overlap_comm: bool | None = None,
-) -> Callable[[], None]:
-    """The production path: MAE objective in a DeepSpeedEngine, fed the batch contract.
+# eoforge's rows beside the references: DeepSpeedEngine settings per row (plain: no DeepSpeed).
+GPU_ROWS = {
+    "eoforge_zero2": {},
+    "eoforge_zero2_compiled": {"compile": True},
+    "eoforge_zero2_compiled_guarded": {"compile": True, "guard": True},
+    "eoforge_zero2_autocast_compiled": {"compile": True, "precision": "bf16-autocast"},
+    "eoforge_zero1_compiled": {"compile": True, "zero_stage": 1},
+    "eoforge_plain_compiled": {"compile": True, "plain": True},
+}
+CPU_ROWS = {"eoforge_zero2": {}}
+# --smoke builds the GPU rows' kinds uncompiled, so their code cannot rot between GPU runs.
+SMOKE_ROWS = {
+    "eoforge_zero2": {},
+    "eoforge_zero1_autocast_guarded": {
+        "zero_stage": 1,
+        "precision": "bf16-autocast",
+        "guard": True,
+    },
+    "eoforge_plain": {"plain": True},
+}
+GATED = "eoforge_zero2_compiled_guarded"  # the loop's step with engine.compile: true
 
-    ``guard``: each step also asks ``NonFiniteGuard`` whether to skip, as the training loop does.
-    """
+
+def mae_objective(cfg: dict) -> MAE:
     torch.manual_seed(0)
     encoder = SpectralViT(cfg["patch"], cfg["dim"], cfg["depth"], cfg["heads"])
-    objective = MAE(
+    return MAE(
         encoder,
         decoder_dim=cfg["decoder_dim"],
         decoder_depth=cfg["decoder_depth"],
         decoder_heads=cfg["decoder_heads"],
     )
+
+
+def eoforge_step(
+    cfg: dict,
+    device: torch.device,
+    compile: bool = False,
+    guard: bool = False,
+    zero_stage: int = 2,
+    precision: str | None = None,
+    plain: bool = False,
+) -> Callable[[], None]:
+    """The production path: MAE objective in a DeepSpeedEngine, fed the batch contract.
+
+    ``guard``: each step also asks ``NonFiniteGuard`` whether to skip, as the training loop does.
+    ``precision``: the engine's (default bf16 on a GPU, fp32 on a CPU). ``plain``: the same
+    objective in plain torch instead (bf16 autocast and fused AdamW on a GPU), the model's own
+    speed without DeepSpeed.
+    """
+    objective = mae_objective(cfg).to(device)
+    batch = to_device(s2_batch(cfg), device)
+    if plain:
+        forward = torch.compile(objective) if compile else objective
+        return train_step(objective, lambda: forward(batch)["loss"], device)
     engine = DeepSpeedEngine(
         objective,
         micro_batch=cfg["batch"],
         lr=ADAMW["lr"],
         weight_decay=ADAMW["weight_decay"],
         betas=ADAMW["betas"],
-        zero_stage=2,
-        precision="bf16" if device.type == "cuda" else "fp32",
+        zero_stage=zero_stage,
+        precision=precision or ("bf16" if device.type == "cuda" else "fp32"),
         grad_clip=0.0,
         compile=compile,
-        overlap_comm=overlap_comm,
     )
-    batch = to_device(s2_batch(cfg), device)
     nonfinite = NonFiniteGuard(limit=5)
 
     def step() -> None:
@@ -192,14 +228,8 @@ def step_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def measure(cfg: dict, device: torch.device, ref_path: Path) -> dict:
-    steps = {"eoforge_zero2": eoforge_step(cfg, device)}
-    if device.type == "cuda":
-        steps["eoforge_zero2_compiled"] = eoforge_step(cfg, device, compile=True)
-        steps["eoforge_zero2_compiled_guarded"] = eoforge_step(cfg, device, True, guard=True)
-        steps["eoforge_zero2_compiled_no_overlap"] = eoforge_step(
-            cfg, device, True, overlap_comm=False
-        )
+def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dict]) -> dict:
+    steps = {name: eoforge_step(cfg, device, **options) for name, options in rows.items()}
     ref_cls = load_ref_mae(ref_path)
     if ref_cls is None:
         raise SystemExit(f"reference MAE not found at {ref_path}; pass --ref PATH/ref_mae.py")
@@ -214,7 +244,7 @@ def measure(cfg: dict, device: torch.device, ref_path: Path) -> dict:
         "ratio_to_ref_plain": medians["ref_plain"] / medians["eoforge_zero2"],
     }
     if device.type == "cuda":
-        gated = "eoforge_zero2_compiled_guarded"  # what the loop runs with engine.compile
+        gated = GATED
         flops = step_flops(steps["eoforge_zero2"])  # eager: the counter does not see compiled code
         peak = matmul_peak(device)
         result |= {
@@ -279,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(SMOKE if args.smoke else GPU if device.type == "cuda" else CPU)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     init_distributed()
-    measured = measure(cfg, device, args.ref)
+    rows = SMOKE_ROWS if args.smoke else GPU_ROWS if device.type == "cuda" else CPU_ROWS
+    measured = measure(cfg, device, args.ref, rows)
     gated = device.type == "cuda"
     result = {
         "benchmark": "mae_step",
