@@ -85,6 +85,9 @@ SMOKE_ROWS = {
     "eoforge_plain": {"plain": True},
 }
 GATED = "eoforge_zero2_compiled_guarded"  # the loop's step with engine.compile: true
+# Rows the comparison cannot do without; another row that fails to build or warm up (a compile
+# error, say) is reported and left out, so one row cannot cost a whole device run.
+REQUIRED = {"eoforge_zero2", "ref_zero2", "ref_plain"}
 
 
 def mae_objective(cfg: dict) -> MAE:
@@ -189,11 +192,20 @@ def ref_steps(cfg: dict, device: torch.device, ref_cls) -> dict[str, Callable[[]
     return {"ref_zero2": zero2, "ref_plain": plain_step}
 
 
-def time_rounds(steps: dict[str, Callable[[], None]], cfg: dict, device) -> dict[str, list[float]]:
-    """Seconds per step of each model in every round, the order rotating per round."""
-    for step in steps.values():
-        for _ in range(cfg["warmup"]):
-            step()
+def time_rounds(
+    steps: dict[str, Callable[[], None]], cfg: dict, device, failed: dict[str, str]
+) -> dict[str, list[float]]:
+    """Seconds per step of each model in every round, the order rotating per round; a row
+    outside ``REQUIRED`` whose warm-up raises goes into ``failed`` instead."""
+    for name in list(steps):
+        try:
+            for _ in range(cfg["warmup"]):
+                steps[name]()
+        except Exception as err:
+            if name in REQUIRED:
+                raise
+            failed[name] = f"{type(err).__name__}: {err}"
+            del steps[name]
     names = list(steps)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(cfg["rounds"]):
@@ -229,12 +241,19 @@ def step_flops(step: Callable[[], None]) -> int:
 
 
 def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dict]) -> dict:
-    steps = {name: eoforge_step(cfg, device, **options) for name, options in rows.items()}
+    steps, failed = {}, {}
+    for name, options in rows.items():
+        try:
+            steps[name] = eoforge_step(cfg, device, **options)
+        except Exception as err:
+            if name in REQUIRED:
+                raise
+            failed[name] = f"{type(err).__name__}: {err}"
     ref_cls = load_ref_mae(ref_path)
     if ref_cls is None:
         raise SystemExit(f"reference MAE not found at {ref_path}; pass --ref PATH/ref_mae.py")
     steps |= ref_steps(cfg, device, ref_cls)
-    seconds = time_rounds(steps, cfg, device)
+    seconds = time_rounds(steps, cfg, device, failed)
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     result = {
         "seconds": seconds,
@@ -242,9 +261,10 @@ def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dic
         "img_per_s": {n: cfg["batch"] / s for n, s in medians.items()},
         "ratio_to_ref_zero2": medians["ref_zero2"] / medians["eoforge_zero2"],
         "ratio_to_ref_plain": medians["ref_plain"] / medians["eoforge_zero2"],
+        "failed": failed,
     }
     if device.type == "cuda":
-        gated = GATED
+        gated = GATED if GATED in medians else "eoforge_zero2"
         flops = step_flops(steps["eoforge_zero2"])  # eager: the counter does not see compiled code
         peak = matmul_peak(device)
         result |= {
@@ -284,6 +304,8 @@ def markdown(result: dict) -> str:
         f"{m['ratio_to_ref_plain']:.2f}x ref_plain in img/s (step time "
         f"{1 / m['ratio_to_ref_plain']:.2f}x the plain reference's).",
     ]
+    for name, error in m.get("failed", {}).items():
+        lines.append(f"Row {name} failed and is left out: {error}")
     if "mfu" in m:
         lines.append(
             f"MFU of {m['gated_run']}: {100 * m['mfu']:.1f}% of the measured bf16 peak "

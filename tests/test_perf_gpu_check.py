@@ -39,3 +39,35 @@ def test_gpu_check_smoke_runs_the_benchmarks_on_cpu(tmp_path):
     selective = json.loads((tmp_path / "selective_mae.json").read_text())
     assert selective["smoke"]
     assert not (REPO_ROOT / "perf" / "results" / "mae_step_smoke.json").exists()
+
+
+@pytest.mark.slow
+def test_a_row_that_fails_is_reported_and_the_rest_still_measured(tmp_path):
+    """One row's failure (a compile error on the device, say) must not cost the whole run."""
+    if not REF_MAE.is_file():
+        pytest.skip(f"reference MAE not found at {REF_MAE}")
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO_ROOT / "perf")!r})
+import mae_step
+build = mae_step.eoforge_step
+def planted(cfg, device, **options):
+    if options.get("plain"):
+        raise RuntimeError("planted failure")
+    return build(cfg, device, **options)
+mae_step.eoforge_step = planted
+mae_step.main(["--smoke", "--out", {str(tmp_path)!r}, "--ref", {str(REF_MAE)!r}])
+"""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads((tmp_path / "mae_step_smoke.json").read_text())["measured"]
+    assert measured["failed"] == {"eoforge_plain": "RuntimeError: planted failure"}
+    assert "eoforge_plain" not in measured["img_per_s"]
+    assert {"eoforge_zero2", "ref_zero2", "ref_plain"} <= set(measured["img_per_s"])
+    table = (tmp_path / "mae_step_smoke.md").read_text()
+    assert "Row eoforge_plain failed and is left out: RuntimeError: planted failure" in table
