@@ -34,7 +34,8 @@ batch from a generator seeded by (seed, rank, worker, draw number), with probabi
 proportional to the source's weight (default: the set's weight times the sensor's share of the
 set's samples; ``sensor_weights`` overrides the share), and fills the batch with that source's
 next ``batch_size`` samples; the incomplete batch at the end of a source's epoch is dropped.
-Within a shard, samples are shuffled by a buffer seeded by (seed, epoch, shard), so a position
+Within a shard, samples are shuffled by a buffer seeded by (seed, epoch, source, the shard's
+index in the source: never its path, so shards may move between runs), so a position
 (epoch, shard, offset) per source and worker is exact. The DataLoader takes batches from its
 workers in turn.
 
@@ -43,6 +44,7 @@ source's (epoch, shard, offset) after the last batch handed out, and which worke
 ``load_state_dict`` continues from there: shards before the position are not opened, samples
 before the offset within its shard are read but never decoded, and the batches that follow are
 those an uninterrupted stream gives, so within an epoch no sample is repeated or skipped.
+``remapped_state`` continues the positions of a run with another world size or worker count.
 
 Bad data (``eoforge.datasets.sample_checks``): every sample is checked before it joins a batch;
 an undecodable one, one whose band count disagrees with its metadata, one with NaN/Inf at a valid
@@ -405,13 +407,12 @@ class ShardStream:
         """A ``state_dict`` for this rank that continues the positions ``saved`` by every rank
         of a run with another world size or worker count (one ``state_dict`` per old rank).
 
-        Per source, the epoch continued is the earliest any old worker was in; what its workers
-        had not read of it (each one's current shard from its offset, then its later shards) is
-        dealt out anew over this run's ranks and workers, as an explicit plan of (shard, offset)
-        for that epoch; later epochs follow the usual layout. Within the continued epoch no
-        sample is read twice or skipped. A worker that had already moved on to the next epoch
-        reads that epoch's first samples again. The bad-data counts of every old worker are
-        carried by rank 0's first worker.
+        Per source, from the earliest epoch any old worker was in to the latest: what the old
+        workers had not read of each epoch (each one's current shard from its offset, then its
+        later shards; all its shards of an epoch it had not begun) is dealt out anew over this
+        run's ranks and workers, as explicit plans of (shard, offset); the epochs after follow
+        the usual layout. No sample of those epochs is read twice or skipped. The bad-data
+        counts of every old worker are carried by rank 0's first worker.
 
         Raises:
             DataError: when the saved positions do not come from one run with this stream's
@@ -428,15 +429,10 @@ class ShardStream:
         rank, world_size = self._rank()
         workers = [_start_position() for _ in range(max(1, self.num_workers))]
         for source in self.sources():
-            epoch, remaining = _unread(self, source, saved)
-            mine = remaining[rank::world_size]
+            first, remaining = _unread(self, source, saved)  # one list per epoch from first
             for w, position in enumerate(workers):
-                plan = mine[w :: len(workers)]
-                position["sources"][source.key] = (
-                    {"epoch": epoch, "shard": 0, "offset": plan[0][1], "plan": plan}
-                    if plan
-                    else {"epoch": epoch + 1, "shard": 0, "offset": 0}
-                )
+                plans = [left[rank::world_size][w :: len(workers)] for left in remaining]
+                position["sources"][source.key] = next_planned(first, plans)
         if rank == 0:
             for state in saved:
                 for old in state["workers"]:
@@ -694,15 +690,21 @@ class _SourceReader:
         self.counts = counts
         self.epoch, self.shard, self.offset = (position[k] for k in ("epoch", "shard", "offset"))
         # [[shard index, first offset], ...]: this epoch's shards when a position was remapped
-        # to another world size (ShardStream.remapped_state); None: the usual layout.
+        # to another world size (ShardStream.remapped_state); None: the usual layout. ``later``:
+        # the plans of the epochs after it that old workers had already begun.
         self.plan = position.get("plan")
+        self.later = [list(plan) for plan in position.get("later", [])]
         self._samples: Iterator | None = None
         self._from_start = False
         self._produced = False
 
     def position(self) -> dict:
         position = {"epoch": self.epoch, "shard": self.shard, "offset": self.offset}
-        return position if self.plan is None else {**position, "plan": self.plan}
+        if self.plan is not None:
+            position["plan"] = self.plan
+        if self.later:
+            position["later"] = self.later
+        return position
 
     def _raw(self) -> Iterator[tuple[int, int, dict]]:
         if self.plan is None:
@@ -736,7 +738,9 @@ class _SourceReader:
         to the next epoch). ``strict``: raise when a whole epoch gives no batch."""
         if self._samples is None:
             self._samples = self._raw()
-            self._from_start = self.shard == 0 and self.offset == 0
+            # A remapped plan may hold fewer samples than a batch: only the usual layout's
+            # epochs must give one.
+            self._from_start = self.plan is None and self.shard == 0 and self.offset == 0
             self._produced = False
         raws = []
         for j, n, raw in self._samples:
@@ -762,13 +766,16 @@ class _SourceReader:
         if strict and self._from_start and not self._produced:
             raise self.stream.empty_epoch_error(self.source, self.epoch, self.layout)
         self._samples = None
-        self.epoch, self.shard, self.offset, self.plan = self.epoch + 1, 0, 0, None
+        position = next_planned(self.epoch + 1, self.later)
+        self.epoch, self.shard, self.offset = position["epoch"], 0, position["offset"]
+        self.plan, self.later = position.get("plan"), position.get("later", [])
         return None
 
 
 def _unread(stream: ShardStream, source: Source, saved: Sequence[dict]) -> tuple[int, list]:
-    """(the earliest epoch of ``source`` any saved worker was in, what its workers had left of
-    it as [[shard index, offset], ...]) from the positions of every old rank (``remapped_state``)."""
+    """(the earliest epoch of ``source`` any saved worker was in, then per epoch from it to the
+    latest one any was in: what the old workers had left of it, as [[shard index, offset], ...])
+    from the positions of every old rank (``remapped_state``)."""
     positions = []
     for state in saved:
         workers = max(1, state["num_workers"])
@@ -780,18 +787,38 @@ def _unread(stream: ShardStream, source: Source, saved: Sequence[dict]) -> tuple
             positions.append((layout, worker["sources"].get(source.key, start)))
     if not positions:
         return 0, []
-    epoch = min(position["epoch"] for _, position in positions)
+    first = min(position["epoch"] for _, position in positions)
+    last = max(position["epoch"] for _, position in positions)
     remaining = []
-    for layout, position in positions:
-        if position["epoch"] != epoch:
-            continue  # done with this epoch
-        plan = position.get("plan") or [
-            [shard, 0] for shard in stream.worker_shards(source, epoch, *layout)
-        ]
-        j = position["shard"]
-        if j < len(plan):
-            remaining += [[plan[j][0], position["offset"]], *plan[j + 1 :]]
-    return epoch, remaining
+    for epoch in range(first, last + 1):
+        left = []
+        for layout, position in positions:
+            ahead = epoch - position["epoch"]
+            if ahead < 0:
+                continue  # done with this epoch
+            plans = [position.get("plan"), *position.get("later", [])]
+            plan = plans[ahead] if ahead < len(plans) and plans[ahead] is not None else None
+            if plan is None:
+                plan = [[shard, 0] for shard in stream.worker_shards(source, epoch, *layout)]
+            if ahead > 0:
+                left += plan  # an epoch the worker had not begun: all of it
+                continue
+            j = position["shard"]
+            if j < len(plan):
+                left += [[plan[j][0], position["offset"]], *plan[j + 1 :]]
+        remaining.append(left)
+    return first, remaining
+
+
+def next_planned(epoch: int, plans: list) -> dict:
+    """The position at the first non-empty plan of ``plans`` (the plans of ``epoch`` and the
+    epochs after it), or at the usual layout after them all."""
+    for i, plan in enumerate(plans):
+        if plan:
+            position = {"epoch": epoch + i, "shard": 0, "offset": plan[0][1], "plan": plan}
+            later = [list(p) for p in plans[i + 1 :]]
+            return position | ({"later": later} if later else {})
+    return {"epoch": epoch + len(plans), "shard": 0, "offset": 0}
 
 
 def _no_counts() -> dict:

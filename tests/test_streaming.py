@@ -221,6 +221,67 @@ def test_position_remapped_to_another_world_size_reads_the_rest_of_the_epoch(
         make(mixed, rank=0, world_size=1, batch_size=2).remapped_state(saved)
 
 
+def read_with_epochs(stream: ShardStream, until) -> list[tuple[str, int, tuple]]:
+    """(source, epoch, sample) of each batch of one sample, until ``until(positions, n)`` holds
+    for the workers' positions after n batches: a batch's epoch is its worker's after it."""
+    source_of = {url: s.key for s in stream.sources() for url in s.shards}
+    seen = []
+    for batch in stream.iter_batches():
+        state = stream.state_dict()
+        positions = [w["sources"] for w in state["workers"]]
+        worker = (state["next_worker"] - 1) % len(positions)  # the one that made the batch
+        source = source_of[batch["meta"]["shard"][0]]
+        epoch = positions[worker][source]["epoch"]
+        seen += [(source, epoch, i) for b in ids_of([batch]) for i in b]
+        if until(positions, len(seen)):
+            return seen
+        assert len(seen) < 5000, "the stream never got there"
+    return seen
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (3, 2)])
+def test_remap_after_workers_began_later_epochs_reads_each_epoch_exactly_once(
+    mixed, world_size, num_workers
+):
+    """Old workers stand in different epochs of a source when the run stops (small sources
+    wrap sooner on some): what each had left of every epoch it or another had begun is dealt
+    out, so every epoch up to the latest any had begun is read exactly once."""
+    before, saved = [], []
+    for rank in (0, 1):
+        first = make(mixed, rank=rank, world_size=2, num_workers=2, batch_size=1)
+        before += read_with_epochs(first, until=lambda positions, n: n == 40)
+        saved.append(json.loads(json.dumps(first.state_dict())))
+    epochs = {}  # source -> the epochs the old workers stood in
+    for state in saved:
+        for worker in state["workers"]:
+            for key, position in worker["sources"].items():
+                epochs.setdefault(key, set()).add(position["epoch"])
+    reached = {key: max(e) for key, e in epochs.items()}  # the latest any old worker was in
+    epochs_apart = [key for key, e in epochs.items() if len(e) > 1]
+    assert epochs_apart  # the case under test: some source's workers stood in different epochs
+
+    def past_reached(positions, n):
+        return all(p[k]["epoch"] > reached.get(k, 0) for p in positions for k in p)
+
+    after = []
+    for rank in range(world_size):
+        stream = make(
+            mixed, rank=rank, world_size=world_size, num_workers=num_workers, batch_size=1
+        )
+        stream.load_state_dict(stream.remapped_state(saved))
+        after += read_with_epochs(stream, until=past_reached)
+    members = {s.key: set() for s in make(mixed).sources()}
+    for s in make(mixed).sources():
+        for url in s.shards:
+            members[s.key] |= {(Path(url).parent.name, r["__key__"]) for r in iter_tar_samples(url)}
+    for key, last in reached.items():
+        for epoch in range(last + 1):
+            read = Counter(i for k, e, i in before + after if (k, e) == (key, epoch))
+            # Every sample of the source exactly once (batches of one sample leave none over).
+            assert max(read.values()) == 1, (key, epoch)
+            assert set(read) == members[key], (key, epoch)
+
+
 def test_url_kinds_folder_brace_pattern_and_pipe(mixed):
     folders, normaliser, _ = mixed
     s1 = folders["s1"]
