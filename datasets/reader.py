@@ -65,6 +65,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -203,6 +204,13 @@ class Source:
     weight: float
 
 
+def shard_name(url: str) -> str:
+    """A shard's file name, wherever it lies: the last ``*.tar`` name in the URL (a path, or
+    the command of a ``pipe:`` URL), else the whole URL."""
+    names = re.findall(r"[^/\s]+\.tar\b", url)
+    return names[-1] if names else url
+
+
 def shard_sensor(url: str) -> str:
     """The sensor of a shard's samples (``"S2L2A"``; ``"S2L2A+S1GRD"`` for group shards): from
     the index.json next to a local shard, else from the shard's first sample."""
@@ -305,6 +313,7 @@ class ShardStream:
         self.device = device
         self.max_bad_fraction = max_bad_fraction
         self._sources: list[Source] | None = None
+        self._shard_lists: dict[str, dict] | None = None
         self._workers = [_start_position() for _ in range(max(1, num_workers))]
         self._next_worker = 0
         self._epoch_counts = _no_counts()  # of epoch_batches passes, which move no position
@@ -372,9 +381,48 @@ class ShardStream:
             "num_workers": self.num_workers,
             "batch_size": self.batch_size,
             "shuffle_buffer": self.shuffle_buffer,
+            "shard_lists": self.shard_lists(),
             "next_worker": self._next_worker,
             "workers": copy.deepcopy(self._workers),
         }
+
+    def shard_lists(self) -> dict[str, dict]:
+        """Per source, its shard count and a digest of the shards' file names in order: what a
+        position's shard indices refer to, checked on resume (folders may differ, names not)."""
+        if self._shard_lists is None:
+            self._shard_lists = {}
+            for source in self.sources():
+                names = "\n".join(shard_name(url) for url in source.shards)
+                digest = hashlib.sha256(names.encode()).hexdigest()[:16]
+                self._shard_lists[source.key] = {"shards": len(source.shards), "names": digest}
+        return copy.deepcopy(self._shard_lists)
+
+    def _check_saved(self, state: dict, keys: Sequence[str]) -> None:
+        """Refuse a saved position of another format, other ``keys`` or other shard lists."""
+        mine = self.state_dict()
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"the saved data position is of format {state.get('version')}, written by another "
+                f"eoforge; this one reads format {STATE_VERSION} (in-shard order and shard names "
+                "differ between them): resume with the eoforge that wrote it"
+            )
+        for key in keys:
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"the saved data position has {key}={state.get(key)} but this stream has "
+                    f"{key}={mine[key]}; resume with the data settings and world size of the run "
+                    "that saved it"
+                )
+        for key, saved in state.get("shard_lists", {}).items():
+            found = mine["shard_lists"].get(key)
+            if found != saved:
+                have = f"{found['shards']} shards" if found else "no such source"
+                raise DataError(
+                    f"source {key} of the saved data position had {saved['shards']} shards "
+                    f"(names digest {saved['names']}) but this stream has {have}"
+                    + (f" (digest {found['names']})" if found else "")
+                    + "; resume on the same shard sets, in the same order"
+                )
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a ``state_dict`` of a stream with the same settings (the next
@@ -383,23 +431,10 @@ class ShardStream:
         Raises:
             DataError: naming the setting that differs from the saved one.
         """
-        rank, world_size = self._rank()
-        mine = {
-            "version": STATE_VERSION,
-            "seed": self.seed,
-            "rank": rank,
-            "world_size": world_size,
-            "num_workers": self.num_workers,
-            "batch_size": self.batch_size,
-            "shuffle_buffer": self.shuffle_buffer,
-        }
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise DataError(
-                    f"the saved data position has {key}={state.get(key)} but this stream has "
-                    f"{key}={value}; resume with the data settings and world size of the run that "
-                    "saved it"
-                )
+        self._check_saved(
+            state,
+            ("seed", "rank", "world_size", "num_workers", "batch_size", "shuffle_buffer"),
+        )
         self._workers = copy.deepcopy(state["workers"])
         self._next_worker = int(state["next_worker"])
 
@@ -411,21 +446,16 @@ class ShardStream:
         workers had not read of each epoch (each one's current shard from its offset, then its
         later shards; all its shards of an epoch it had not begun) is dealt out anew over this
         run's ranks and workers, as explicit plans of (shard, offset); the epochs after follow
-        the usual layout. No sample of those epochs is read twice or skipped. The bad-data
+        the usual layout. No sample of those epochs is read twice or skipped, apart from each
+        new worker's incomplete last batch of a plan, which is dropped as at any epoch's end. The bad-data
         counts of every old worker are carried by rank 0's first worker.
 
         Raises:
             DataError: when the saved positions do not come from one run with this stream's
                 seed, batch size and shuffle buffer.
         """
-        for key in ("version", "seed", "batch_size", "shuffle_buffer"):
-            found = {state.get(key) for state in saved}
-            if found != {self.state_dict()[key]}:
-                raise DataError(
-                    f"the saved data positions have {key} {sorted(found, key=str)} but this stream "
-                    f"has {key}={self.state_dict()[key]}; resume with the data settings of the run "
-                    "that saved them"
-                )
+        for state in saved:
+            self._check_saved(state, ("seed", "batch_size", "shuffle_buffer"))
         rank, world_size = self._rank()
         workers = [_start_position() for _ in range(max(1, self.num_workers))]
         for source in self.sources():

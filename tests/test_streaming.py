@@ -221,6 +221,28 @@ def test_position_remapped_to_another_world_size_reads_the_rest_of_the_epoch(
         make(mixed, rank=0, world_size=1, batch_size=2).remapped_state(saved)
 
 
+def test_resume_refuses_other_shard_lists_and_other_position_formats(mixed, tmp_path):
+    """Positions name shards by index: resuming on a set whose shards differ (one missing,
+    renamed) is refused naming the source, and so is a position of another format."""
+    folders, normaliser, _ = mixed
+    first = make(mixed, num_workers=2)
+    list(islice(first.iter_batches(), 5))
+    state = json.loads(json.dumps(first.state_dict()))
+    fewer = {**folders, "s1": tmp_path / "s1"}
+    shutil.copytree(folders["s1"], fewer["s1"])
+    index = json.loads((fewer["s1"] / "index.json").read_text())
+    index["shards"] = index["shards"][:-1]
+    (fewer["s1"] / "index.json").write_text(json.dumps(index))
+    options = {"batch_size": 2, "seed": 0, "shuffle_buffer": 4, "num_workers": 2}
+    resumed = ShardStream(list(fewer.values()), normaliser, **options)
+    with pytest.raises(DataError, match=r"source 0:S1GRD of the saved data position had 18 shards"):
+        resumed.load_state_dict(state)
+    with pytest.raises(DataError, match="source 0:S1GRD"):
+        resumed.remapped_state([state])
+    with pytest.raises(DataError, match="format 1, written by another eoforge"):
+        make(mixed, num_workers=2).load_state_dict({**state, "version": 1})
+
+
 def read_with_epochs(stream: ShardStream, until) -> list[tuple[str, int, tuple]]:
     """(source, epoch, sample) of each batch of one sample, until ``until(positions, n)`` holds
     for the workers' positions after n batches: a batch's epoch is its worker's after it."""
