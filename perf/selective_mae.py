@@ -143,17 +143,22 @@ def build_steps(cfg: dict, ref_path: Path, device: torch.device) -> dict[str, Ca
     }
     ref_cls = load_ref_mae(ref_path)
     if ref_cls is not None:
-        torch.manual_seed(0)
-        ref = ref_cls(
-            img=cfg["img"], patch=cfg["patch"], chans=cfg["bands"], dim=cfg["dim"],
-            depth=cfg["depth"], heads=cfg["heads"], ddim=cfg["decoder_dim"],
-            ddepth=cfg["decoder_depth"], dheads=cfg["decoder_heads"],
-        ).to(device)  # fmt: skip
         images = batch["S2L2A"]["image"]
+
+        def reference() -> nn.Module:
+            torch.manual_seed(0)
+            return ref_cls(
+                img=cfg["img"], patch=cfg["patch"], chans=cfg["bands"], dim=cfg["dim"],
+                depth=cfg["depth"], heads=cfg["heads"], ddim=cfg["decoder_dim"],
+                ddepth=cfg["decoder_depth"], dheads=cfg["decoder_heads"],
+            ).to(device)  # fmt: skip
+
+        ref = reference()
         if device.type == "cuda":
             compiled = torch.compile(ref)
             steps["ref_mae"] = train_step(ref, lambda: compiled(images, 0.75), device)
-            steps["ref_mae_eager"] = train_step(ref, lambda: ref(images, 0.75), device)
+            eager = reference()  # its own weights and optimizer, as every row has
+            steps["ref_mae_eager"] = train_step(eager, lambda: eager(images, 0.75), device)
         else:
             steps["ref_mae"] = train_step(ref, lambda: ref(images, 0.75), device)
     return steps
@@ -253,7 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
         "smoke": args.smoke,
         "date": now(),
         "device": torch.cuda.get_device_name() if gpu else "CPU",
-        "precision": "bf16 autocast, ref_mae compiled" if gpu else "fp32, eager",
+        "precision": (
+            ("bf16 autocast, ref_mae compiled" if "ref_mae" in models else "bf16 autocast")
+            if gpu
+            else "fp32, eager"
+        ),
         "machine": machine(torch.get_num_threads() if gpu else args.threads),
         "config": cfg,
         "patches": (cfg["img"] // cfg["patch"]) ** 2,
