@@ -241,7 +241,7 @@ def linear_probe(
 
 
 def grid_edge(lr: float, lrs: Sequence[float]) -> str | None:
-    """ "largest" or "smallest" where ``lr`` is that end of a grid of several rates, else None."""
+    """Which end of a grid of several rates ``lr`` is: "largest", "smallest" or None."""
     if len(set(lrs)) < 2:
         return None
     return "largest" if lr == max(lrs) else "smallest" if lr == min(lrs) else None

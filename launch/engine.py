@@ -5,8 +5,8 @@
 ``engine.preview(batch)``, ``engine.grad_norm()``. Checkpoint folders, commits and resume
 selection live in ``eoforge.launch.checkpoints``.
 
-``DeepSpeedEngine`` is the production path: ZeRO stage 1/2/3, bf16/fp16/fp32, gloo on CPU and
-NCCL on GPU. The optimizer is a torch AdamW handed to DeepSpeed (DeepSpeed's own optimizers
+``DeepSpeedEngine`` is the production path: ZeRO stage 1/2/3, bf16/fp16/fp32 or fp32 weights
+with bf16 autocast, gloo on CPU and NCCL on GPU. The optimizer is a torch AdamW handed to DeepSpeed (DeepSpeed's own optimizers
 compile C++ ops at first use, which costs a minute per fresh machine for no gain here).
 """
 
@@ -99,7 +99,8 @@ class DeepSpeedEngine:
     world size, through DeepSpeed's universal checkpoint form. ``overlap_comm``: ZeRO's gradient
     reduction overlaps the backward pass (default: on GPUs). ``compile``: the objective runs
     through ``torch.compile`` inside DeepSpeed (``engine.compile()``), drawing its random numbers
-    as eager code does; the first steps then pay the compilation.
+    as eager code does (inductor's ``fallback_random``, set for the whole process); the first
+    steps then pay the compilation.
     """
 
     def __init__(

@@ -131,7 +131,8 @@ class EngineConfig:
     nonfinite_limit: int = 5
     # torch.compile the objective inside DeepSpeed: about 10% faster per step on an H100
     # (perf/results/gpu_h100), at the price of a compilation at start-up and whenever the
-    # batch's shapes change (another sensor, band count or crop size).
+    # batch's shapes change (another sensor, band count or crop size). Objectives whose token
+    # counts change during training (selective_mae's phases) recompile at each change.
     compile: bool = False
 
 

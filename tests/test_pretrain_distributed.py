@@ -119,19 +119,23 @@ def test_compiled_objective_trains_like_the_eager_one(tmp_path, cache, eager_fp3
         assert got[step] == pytest.approx(expected, rel=1e-4), step
 
 
-def test_bf16_autocast_keeps_fp32_weights_and_follows_the_fp32_run(
-    tmp_path, cache, eager_fp32_losses
-):
-    """engine.precision=bf16-autocast: fp32 weights and optimizer, bf16 matmuls under
-    torch.autocast; the losses stay within bf16's rounding of the fp32 run's."""
-    eoforge(["pretrain", f"run_dir={tmp_path}", "engine.precision=bf16-autocast", *SHORT], cache)
-    got = scalars(tmp_path, "loss")
+def test_bf16_autocast_keeps_fp32_weights_and_follows_the_fp32_run(tmp_path, cache):
+    """engine.precision=bf16-autocast on two ranks: fp32 weights and optimizer, bf16 matmuls
+    under torch.autocast, Linear gradients reduced in bf16 (DeepSpeed's torch_autocast); the
+    losses stay within bf16's rounding of the fp32 run's."""
+    runs = {}
+    for precision in ("fp32", "bf16-autocast"):
+        run = tmp_path / precision
+        args = [f"run_dir={run}", f"engine.precision={precision}", *SHORT]
+        eoforge(["pretrain", *args], cache, nproc=2)
+        runs[precision] = scalars(run, "loss")
+    expected, got = runs["fp32"], runs["bf16-autocast"]
     assert sorted(got) == [1, 2, 3]
-    for step, expected in eager_fp32_losses.items():
-        assert got[step] == pytest.approx(expected, rel=2e-2), step
-    assert got != eager_fp32_losses  # the matmuls did run in bf16
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=2e-2), step
+    assert got != expected  # the matmuls did run in bf16
     # The module's weights stay fp32 (the bf16 mode would save them in bf16).
-    checkpoint = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+    checkpoint = sorted((tmp_path / "bf16-autocast" / "checkpoints").glob("step_*"))[-1]
     states = torch.load(next(checkpoint.glob("*model_states.pt")), weights_only=False)
     weights = [v for v in states["module"].values() if v.is_floating_point()]
     assert weights and all(v.dtype == torch.float32 for v in weights)
