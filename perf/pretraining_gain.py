@@ -13,7 +13,7 @@ through eoforge's own command line, called in this process:
 3. ``eoforge pretrain`` on both shard sets with the fixed recipe ``RECIPE``: ``vit_test_patch8``,
    MAE with a 64-wide, 2-deep decoder (4 heads), ``norm_pix`` off, batch 8, 300 steps, lr 1e-3
    (AdamW, weight decay 0.05, betas 0.9/0.95, cosine to 0 after 5 warmup steps), ZeRO-2 in the
-   precision DeepSpeed picks, gradient clip 1.0, seed 0; the release is exported into
+   precision eoforge's ``auto`` picks (fp32 on a CPU), gradient clip 1.0, seed 0; the release is exported into
    ``run/release``. The recipe is the measurement's definition: it is not tuned here.
 4. ``eoforge bench run`` of the suite ``pines``: Indian Pines, window 16, at most 800 training
    and 800 test pixels of the spatially blocked split, seeds 0-2, protocols ``linear`` and
@@ -242,6 +242,15 @@ def markdown(result: dict) -> str:
             f"| {r['protocol']} | {r['encoder']} | {r['metric']} | "
             f"{r['mean']:.4f} ± {r['ci95']:.4f} | {r['n_seeds']} |"
         )
+    linear = [c for c in result["cells"] if c["protocol"] == "linear"]
+    edge = sum(bool(c["details"].get("lr_at_grid_edge")) for c in linear)
+    if edge:
+        lines += [
+            "",
+            f"In {edge} of {len(linear)} linear-probe cells the selected learning rate is the "
+            "grid's largest or smallest (`eoforge.finetune.linear.DEFAULT_LRS`): the probe, not "
+            "only the encoders, may limit these accuracies.",
+        ]
     low, high = v["interval"]
     if v["holds"]:
         sentence = "pretraining helps: the interval lies above 0. HOLDS."
