@@ -372,6 +372,14 @@ class ShardStream:
         """This rank's position: per worker, the draws made, each source's next
         (epoch, shard, offset) and the samples read and bad (module docstring) after the last
         batch handed out by ``iter_batches``."""
+        return {
+            **self._settings(),
+            "next_worker": self._next_worker,
+            "workers": copy.deepcopy(self._workers),
+        }
+
+    def _settings(self) -> dict:
+        """What a saved position must agree with to be continued (``_check_saved``)."""
         rank, world_size = self._rank()
         return {
             "version": STATE_VERSION,
@@ -382,8 +390,6 @@ class ShardStream:
             "batch_size": self.batch_size,
             "shuffle_buffer": self.shuffle_buffer,
             "shard_lists": self.shard_lists(),
-            "next_worker": self._next_worker,
-            "workers": copy.deepcopy(self._workers),
         }
 
     def shard_lists(self) -> dict[str, dict]:
@@ -399,7 +405,7 @@ class ShardStream:
 
     def _check_saved(self, state: dict, keys: Sequence[str]) -> None:
         """Refuse a saved position of another format, other ``keys`` or other shard lists."""
-        mine = self.state_dict()
+        mine = self._settings()
         if state.get("version") != STATE_VERSION:
             raise DataError(
                 f"the saved data position is of format {state.get('version')}, written by another "
@@ -447,8 +453,8 @@ class ShardStream:
         later shards; all its shards of an epoch it had not begun) is dealt out anew over this
         run's ranks and workers, as explicit plans of (shard, offset); the epochs after follow
         the usual layout. No sample of those epochs is read twice or skipped, apart from each
-        new worker's incomplete last batch of a plan, which is dropped as at any epoch's end. The bad-data
-        counts of every old worker are carried by rank 0's first worker.
+        new worker's incomplete last batch of a plan, which is dropped as at any epoch's end.
+        The bad-data counts of every old worker are carried by rank 0's first worker.
 
         Raises:
             DataError: when the saved positions do not come from one run with this stream's
@@ -469,7 +475,7 @@ class ShardStream:
                     workers[0]["samples"] += old.get("samples", 0)
                     for reason, n in old.get("bad", {}).items():
                         workers[0]["bad"][reason] = workers[0]["bad"].get(reason, 0) + n
-        return {**self.state_dict(), "next_worker": 0, "workers": workers}
+        return {**self._settings(), "next_worker": 0, "workers": workers}
 
     def health(self) -> dict:
         """The bad data met on this rank: the samples read and those skipped as bad by the

@@ -357,15 +357,20 @@ def markdown(results: dict) -> str:
             f"| {r['dataset']} | {r['protocol']} | {r['encoder']} | {r['metric']} | "
             f"{r['mean']:.4f} ± {r['ci95']:.4f} | {r['n_seeds']} | {r['band_policy']} |"
         )
-    linear = [c for c in results["cells"] if c["protocol"] == "linear"]
-    edge = [c for c in linear if c["details"].get("lr_at_grid_edge")]
+    edge, linear = grid_edge_cells(results["cells"])
     if edge:
         lines += [
             "",
-            f"In {len(edge)} of {len(linear)} linear-probe cells the selected learning rate is "
+            f"In {edge} of {linear} linear-probe cells the selected learning rate is "
             "the grid's largest or smallest: a better one may lie beyond the grid.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def grid_edge_cells(cells: Sequence[dict]) -> tuple[int, int]:
+    """(linear-probe cells whose selected learning rate is an end of the grid, linear cells)."""
+    linear = [c for c in cells if c["protocol"] == "linear"]
+    return sum(bool(c["details"].get("lr_at_grid_edge")) for c in linear), len(linear)
 
 
 def plot(rows: Sequence[dict], path: Path, title: str) -> None:

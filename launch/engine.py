@@ -6,8 +6,9 @@
 selection live in ``eoforge.launch.checkpoints``.
 
 ``DeepSpeedEngine`` is the production path: ZeRO stage 1/2/3, bf16/fp16/fp32 or fp32 weights
-with bf16 autocast, gloo on CPU and NCCL on GPU. The optimizer is a torch AdamW handed to DeepSpeed (DeepSpeed's own optimizers
-compile C++ ops at first use, which costs a minute per fresh machine for no gain here).
+with bf16 autocast, gloo on CPU and NCCL on GPU. The optimizer is a torch AdamW handed to
+DeepSpeed (DeepSpeed's own optimizers compile C++ ops at first use, which costs a minute per
+fresh machine for no gain here).
 """
 
 from __future__ import annotations

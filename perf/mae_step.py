@@ -39,7 +39,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from selective_mae import REF_MAE, S2_BANDS, load_ref_mae, s2_batch, sync, to_device, train_step
+from selective_mae import (
+    ADAMW,
+    REF_MAE,
+    S2_BANDS,
+    load_ref_mae,
+    reference,
+    s2_batch,
+    sync,
+    to_device,
+    train_step,
+)
 
 from eoforge.launch.distributed import import_deepspeed, init_distributed
 from eoforge.launch.engine import DeepSpeedEngine
@@ -62,7 +72,6 @@ SMOKE = dict(
     img=32, patch=8, bands=12, batch=2, dim=64, depth=2, heads=4,
     decoder_dim=32, decoder_depth=1, decoder_heads=4, rounds=2, steps=1, warmup=1,
 )  # fmt: skip
-ADAMW = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
 
 # eoforge's rows beside the references: DeepSpeedEngine settings per row (plain: no DeepSpeed).
@@ -145,17 +154,11 @@ def eoforge_step(
 def ref_steps(cfg: dict, device: torch.device, ref_cls) -> dict[str, Callable[[], None]]:
     """The reference MAE in DeepSpeed ZeRO-2 (as ref_mae_deepspeed.py) and in plain torch."""
     deepspeed = import_deepspeed()
-    shapes = dict(
-        img=cfg["img"], patch=cfg["patch"], chans=cfg["bands"], dim=cfg["dim"],
-        depth=cfg["depth"], heads=cfg["heads"], ddim=cfg["decoder_dim"],
-        ddepth=cfg["decoder_depth"], dheads=cfg["decoder_heads"],
-    )  # fmt: skip
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     images = s2_batch(cfg)["S2L2A"]["image"].to(device)
 
-    torch.manual_seed(0)
-    model = ref_cls(**shapes).to(dtype)  # buffers too: DeepSpeed casts parameters only
+    model = reference(ref_cls, cfg).to(dtype)  # buffers too: DeepSpeed casts parameters only
     optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
     config = {
         "train_micro_batch_size_per_gpu": cfg["batch"],
@@ -175,19 +178,9 @@ def ref_steps(cfg: dict, device: torch.device, ref_cls) -> dict[str, Callable[[]
         engine.backward(loss)
         engine.step()
 
-    torch.manual_seed(0)
-    plain = ref_cls(**shapes).to(device)
-    plain_optimizer = torch.optim.AdamW(plain.parameters(), **ADAMW, fused=gpu)
+    plain = reference(ref_cls, cfg).to(device)
     forward = torch.compile(plain) if gpu else plain
-
-    def plain_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            loss = forward(images)
-        loss.backward()
-        plain_optimizer.step()
-        plain_optimizer.zero_grad(set_to_none=True)
-
-    return {"ref_zero2": zero2, "ref_plain": plain_step}
+    return {"ref_zero2": zero2, "ref_plain": train_step(plain, lambda: forward(images), device)}
 
 
 def time_rounds(

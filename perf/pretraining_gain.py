@@ -51,6 +51,7 @@ import torch
 import yaml
 from rasterio.transform import from_origin
 
+from eoforge.finetune.bench import grid_edge_cells
 from eoforge.launch import cli
 
 from perf_report import machine, now, write_results
@@ -242,12 +243,11 @@ def markdown(result: dict) -> str:
             f"| {r['protocol']} | {r['encoder']} | {r['metric']} | "
             f"{r['mean']:.4f} ± {r['ci95']:.4f} | {r['n_seeds']} |"
         )
-    linear = [c for c in result["cells"] if c["protocol"] == "linear"]
-    edge = sum(bool(c["details"].get("lr_at_grid_edge")) for c in linear)
+    edge, linear = grid_edge_cells(result["cells"])
     if edge:
         lines += [
             "",
-            f"In {edge} of {len(linear)} linear-probe cells the selected learning rate is the "
+            f"In {edge} of {linear} linear-probe cells the selected learning rate is the "
             "grid's largest or smallest (`eoforge.finetune.linear.DEFAULT_LRS`): the probe, not "
             "only the encoders, may limit these accuracies.",
         ]

@@ -45,6 +45,7 @@ from perf_report import machine, now, write_results
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REF_MAE = REPO_ROOT.parent / "shared" / "bench" / "ref_mae.py"
 GATE, GOAL = 1.4, 2.0
+ADAMW = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)  # MAE's published settings
 
 FULL = dict(
     img=128, patch=16, bands=12, batch=4, dim=384, depth=12, heads=6,
@@ -99,15 +100,23 @@ def load_ref_mae(path: Path):
     return module.RefMAE
 
 
+def reference(ref_cls, cfg: dict) -> nn.Module:
+    """The reference MAE at the shapes of ``cfg``, seeded like the encoders here (on the CPU)."""
+    torch.manual_seed(0)
+    return ref_cls(
+        img=cfg["img"], patch=cfg["patch"], chans=cfg["bands"], dim=cfg["dim"],
+        depth=cfg["depth"], heads=cfg["heads"], ddim=cfg["decoder_dim"],
+        ddepth=cfg["decoder_depth"], dheads=cfg["decoder_heads"],
+    )  # fmt: skip
+
+
 def train_step(
     model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device
 ) -> Callable[[], None]:
     """One forward + backward + AdamW step of ``model`` (MAE's published optimiser settings);
     bf16 autocast and the fused AdamW on a GPU."""
     gpu = device.type == "cuda"
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=gpu
-    )
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW, fused=gpu)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
@@ -144,20 +153,11 @@ def build_steps(cfg: dict, ref_path: Path, device: torch.device) -> dict[str, Ca
     ref_cls = load_ref_mae(ref_path)
     if ref_cls is not None:
         images = batch["S2L2A"]["image"]
-
-        def reference() -> nn.Module:
-            torch.manual_seed(0)
-            return ref_cls(
-                img=cfg["img"], patch=cfg["patch"], chans=cfg["bands"], dim=cfg["dim"],
-                depth=cfg["depth"], heads=cfg["heads"], ddim=cfg["decoder_dim"],
-                ddepth=cfg["decoder_depth"], dheads=cfg["decoder_heads"],
-            ).to(device)  # fmt: skip
-
-        ref = reference()
+        ref = reference(ref_cls, cfg).to(device)
         if device.type == "cuda":
             compiled = torch.compile(ref)
             steps["ref_mae"] = train_step(ref, lambda: compiled(images, 0.75), device)
-            eager = reference()  # its own weights and optimizer, as every row has
+            eager = reference(ref_cls, cfg).to(device)  # its own weights and optimizer
             steps["ref_mae_eager"] = train_step(eager, lambda: eager(images, 0.75), device)
         else:
             steps["ref_mae"] = train_step(ref, lambda: ref(images, 0.75), device)
