@@ -51,9 +51,16 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def resolve_precision(precision: str) -> str:
+    """``auto`` is bf16-autocast on a GPU and fp32 on a CPU; other values are kept.
+
+    On an H100, a compiled ViT-B/16 MAE step under ZeRO-2 ran 1.33x as fast with fp32 weights
+    and bf16 autocast as in DeepSpeed's bf16 mode, which keeps bf16 weights beside fp32 master
+    copies (perf/results/gpu_h100). The price is memory under ZeRO-1/2: each rank holds the
+    whole model in fp32 rather than bf16, 2 more bytes per parameter; ZeRO-3 partitions it.
+    """
     if precision != "auto":
         return precision
-    return "bf16" if torch.cuda.is_available() else "fp32"
+    return "bf16-autocast" if torch.cuda.is_available() else "fp32"
 
 
 def deepspeed_config(

@@ -4,13 +4,14 @@ Timed side by side in one process, at equal shapes, on one synthetic 12-band Sen
 (random pixels: the step does the same work whatever they hold):
 
 * ``eoforge_zero2``: ``eoforge.pretrain.mae.MAE`` on a ``SpectralViT`` with the spectrum-aware
-  tokenizer, through ``eoforge.launch.engine.DeepSpeedEngine`` (ZeRO-2; bf16 on a GPU, fp32 on
-  a CPU) — the production path, batch contract in, loss out;
+  tokenizer, through ``eoforge.launch.engine.DeepSpeedEngine`` (ZeRO-2, the engine's default
+  precision ``auto``: fp32 weights with bf16 autocast on a GPU, fp32 on a CPU) — the production
+  path, batch contract in, loss out;
 * on a GPU also (``GPU_ROWS``): the same compiled (``engine.compile``); compiled plus the
   training loop's per-step read of the loss's finiteness (``NonFiniteGuard``, the loop's one
-  host synchronisation; the gated row); compiled with fp32 weights and bf16 autocast
-  (``bf16-autocast``); compiled under ZeRO-1; and the same objective compiled in plain torch
-  without DeepSpeed, the model's own speed;
+  host synchronisation; the gated row); eager and compiled in DeepSpeed's bf16 mode (bf16
+  weights, fp32 master copies: ``engine.precision: bf16``, the mode the reference runs in); and
+  the same objective compiled in plain torch without DeepSpeed, the model's own speed;
 * ``ref_zero2``: ``RefMAE`` of ``../shared/bench/ref_mae.py`` through ``deepspeed.initialize``
   with ZeRO-2 as ``ref_mae_deepspeed.py`` configures it, plus ``engine.compile()`` on a GPU;
 * ``ref_plain``: ``RefMAE`` in plain torch with fused AdamW and bf16 autocast, compiled with
@@ -20,8 +21,10 @@ A step is forward + backward + optimizer step. Steps are timed in rounds, the or
 every round; the figure per model is the median over rounds. On a GPU the script also reports
 the MFU of the eoforge step: its model FLOPs (``torch.utils.flop_counter.FlopCounterMode``) per
 second over the bf16 matmul peak measured in the same run. Gate (GPU): the step the training
-loop runs with ``engine.compile: true`` (``eoforge_zero2_compiled_guarded``) >= 1.0x ref_zero2
-img/s; goals: >= 1.0x ref_plain and MFU >= 45%. On a CPU the ratios are reported.
+loop runs with ``engine.compile: true`` in the default precision
+(``eoforge_zero2_compiled_guarded``) >= 1.0x ref_zero2 img/s; goals: >= 1.0x ref_plain and
+MFU >= 45%. On a CPU the ratios are reported. The JSON records every row's settings, its
+precision resolved.
 
 Usage: ``python perf/mae_step.py [--smoke] [--out perf/results] [--ref PATH]``; writes
 mae_step.json and .md into --out. ``--smoke`` runs the same code at tiny shapes on a CPU, with
@@ -52,7 +55,7 @@ from selective_mae import (
 )
 
 from eoforge.launch.distributed import import_deepspeed, init_distributed
-from eoforge.launch.engine import DeepSpeedEngine
+from eoforge.launch.engine import DeepSpeedEngine, resolve_precision
 from eoforge.launch.guards import NonFiniteGuard
 from eoforge.models.vit import SpectralViT
 from eoforge.pretrain.mae import MAE
@@ -79,8 +82,8 @@ GPU_ROWS = {
     "eoforge_zero2": {},
     "eoforge_zero2_compiled": {"compile": True},
     "eoforge_zero2_compiled_guarded": {"compile": True, "guard": True},
-    "eoforge_zero2_autocast_compiled": {"compile": True, "precision": "bf16-autocast"},
-    "eoforge_zero1_compiled": {"compile": True, "zero_stage": 1},
+    "eoforge_zero2_bf16": {"precision": "bf16"},
+    "eoforge_zero2_bf16_compiled": {"compile": True, "precision": "bf16"},
     "eoforge_plain_compiled": {"compile": True, "plain": True},
 }
 CPU_ROWS = {"eoforge_zero2": {}}
@@ -88,10 +91,12 @@ CPU_ROWS = {"eoforge_zero2": {}}
 SMOKE_ROWS = {
     "eoforge_zero2": {},
     "eoforge_zero2_autocast_guarded": {"precision": "bf16-autocast", "guard": True},
+    "eoforge_zero2_bf16": {"precision": "bf16"},
     "eoforge_zero1": {"zero_stage": 1},
     "eoforge_plain": {"plain": True},
 }
-GATED = "eoforge_zero2_compiled_guarded"  # the loop's step with engine.compile: true
+# The loop's step with engine.compile: true, in the default precision.
+GATED = "eoforge_zero2_compiled_guarded"
 # Rows the comparison cannot do without; another row that fails to build or warm up (a compile
 # error, say) is reported and left out, so one row cannot cost a whole device run.
 REQUIRED = {"eoforge_zero2", "ref_zero2", "ref_plain"}
@@ -120,7 +125,7 @@ def eoforge_step(
     """The production path: MAE objective in a DeepSpeedEngine, fed the batch contract.
 
     ``guard``: each step also asks ``NonFiniteGuard`` whether to skip, as the training loop does.
-    ``precision``: the engine's (default bf16 on a GPU, fp32 on a CPU). ``plain``: the same
+    ``precision``: the engine's (default its ``auto``). ``plain``: the same
     objective in plain torch instead (bf16 autocast and fused AdamW on a GPU), the model's own
     speed without DeepSpeed.
     """
@@ -136,7 +141,7 @@ def eoforge_step(
         weight_decay=ADAMW["weight_decay"],
         betas=ADAMW["betas"],
         zero_stage=zero_stage,
-        precision=precision or ("bf16" if device.type == "cuda" else "fp32"),
+        precision=precision or "auto",
         grad_clip=0.0,
         compile=compile,
     )
@@ -231,6 +236,22 @@ def step_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+def row_settings(options: dict, device: torch.device) -> dict:
+    """What an eoforge row runs: engine, ZeRO stage, precision (resolved), compile, guard."""
+    gpu = device.type == "cuda"
+    if options.get("plain"):
+        precision = "bf16-autocast" if gpu else "fp32"  # train_step's autocast
+    else:
+        precision = resolve_precision(options.get("precision", "auto"))
+    return {
+        "engine": "plain torch" if options.get("plain") else "DeepSpeed",
+        "zero_stage": None if options.get("plain") else options.get("zero_stage", 2),
+        "precision": precision,
+        "compile": options.get("compile", False),
+        "guard": options.get("guard", False),
+    }
+
+
 def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dict]) -> dict:
     steps, failed = {}, {}
     for name, options in rows.items():
@@ -253,7 +274,15 @@ def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dic
         "ratio_to_ref_zero2": medians["ref_zero2"] / medians["eoforge_zero2"],
         "ratio_to_ref_plain": medians["ref_plain"] / medians["eoforge_zero2"],
         "failed": failed,
+        "row_settings": {name: row_settings(options, device) for name, options in rows.items()},
     }
+    gpu = device.type == "cuda"
+    result["row_settings"] |= {
+        "ref_zero2": {"engine": "DeepSpeed", "zero_stage": 2, "precision": "bf16" if gpu else
+                      "fp32", "compile": gpu, "guard": False},
+        "ref_plain": {"engine": "plain torch", "zero_stage": None, "precision": "bf16-autocast"
+                      if gpu else "fp32", "compile": gpu, "guard": False},
+    }  # fmt: skip
     if device.type == "cuda":
         # A gated row that failed fails the gate (NaN ratio); it is never swapped for another.
         gated_s = medians.get(GATED, math.nan)
@@ -284,10 +313,11 @@ def markdown(result: dict) -> str:
         f"{cfg['decoder_depth']}; batch {cfg['batch']} x {cfg['bands']} bands x {cfg['img']}^2. "
         f"Median over {cfg['rounds']} rounds of {cfg['steps']} step(s), the order rotating.",
         "",
-        "| run | ms / step | img/s | x ref_zero2 | x ref_plain |",
-        "|---|---:|---:|---:|---:|",
+        "| run | precision | ms / step | img/s | x ref_zero2 | x ref_plain |",
+        "|---|---|---:|---:|---:|---:|",
         *(
-            f"| {name} | {m['ms_per_step'][name]:.1f} | {m['img_per_s'][name]:.1f} "
+            f"| {name} | {m['row_settings'][name]['precision']} | {m['ms_per_step'][name]:.1f} "
+            f"| {m['img_per_s'][name]:.1f} "
             f"| {m['ratios_to_ref_zero2'][name]:.2f} | {m['ratios_to_ref_plain'][name]:.2f} |"
             for name in m["ms_per_step"]
         ),
