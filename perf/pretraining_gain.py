@@ -31,8 +31,18 @@ same machine and thread count (``--threads``, default 1) gives the same numbers.
 ``--smoke`` runs the same stages at a tiny size (3 pretraining steps, 48 + 48 probe pixels, the
 3 seeds the harness requires) to check the pipeline, in well under a minute.
 
-Usage: ``python perf/pretraining_gain.py [--smoke] [--out perf/results] [--work DIR]``; writes
-pretraining_gain.json and .md into --out.
+``--variant NAME`` runs the same pipeline with one entry of ``VARIANTS`` applied: ``patch4``
+(patch 4: 16 patches per 16-px tile, 4 of them visible at mask 0.75), ``mask50`` (mask ratio 0.5
+at patch 8: 2 of 4 patches visible) or ``tile32`` (32-px tiles at ingest: 16 patches of 8 px, 4
+visible; the bench's window stays 16). With the default recipe the encoder sees one of a tile's 4
+patches, which may make the pretext task nearly trivial; the variants show how the gain behaves
+when it sees more. They are information for choosing a recipe, fixed in advance and each run
+once, not a tuning of the measurement: the criterion, suite and probe are the same, and the
+measurement itself is the run without ``--variant``.
+
+Usage: ``python perf/pretraining_gain.py [--smoke] [--variant NAME] [--out perf/results]
+[--work DIR]``; writes pretraining_gain.json and .md into --out, or
+pretraining_gain_<variant>.json and .md with ``--variant``.
 """
 
 from __future__ import annotations
@@ -103,9 +113,65 @@ SUITE = {
     "protocols": ["linear", "knn"],
     "encoders": ["release", "random_init"],
 }
+# Pre-declared recipe variants (module docstring): deep-merged overrides of RECIPE ("recipe")
+# and/or the ingest tile side ("tile"); "why" says what each changes and why, and is stored in
+# the result. The list was fixed before any variant was run.
+VARIANTS = {
+    "patch4": {
+        "why": "patch 4 instead of 8: a 16-px tile has 16 patches, so at mask 0.75 the encoder "
+        "sees 4 of them instead of 1",
+        "recipe": {"model": {"kwargs": {"patch_size": 4}}},
+    },
+    "mask50": {
+        "why": "MAE mask ratio 0.5 instead of 0.75 at patch 8: the encoder sees 2 of a tile's 4 "
+        "patches instead of 1",
+        "recipe": {"objective": {"kwargs": {"mask_ratio": 0.5}}},
+    },
+    "tile32": {
+        "why": "32-px tiles at ingest instead of 16: at patch 8 a tile has 16 patches, so at mask "
+        "0.75 the encoder sees 4 of them instead of 1; the bench's window stays 16",
+        "tile": 32,
+    },
+}
 # --smoke: the recipe's length and the probe's sample counts only.
 SMOKE = {"steps": 3, "log_every": 1, "save_every": 3, "max_train": 48, "max_test": 48}
 PAIRED = "release - random_init"
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """A copy of ``base`` with ``overrides`` merged in, nested dicts key by key."""
+    merged = json.loads(json.dumps(base))
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = json.loads(json.dumps(value))
+    return merged
+
+
+def flat(overrides: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} for every leaf of nested ``overrides``."""
+    leaves = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            leaves |= flat(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def configure(variant: str | None) -> tuple[dict, int]:
+    """The recipe (a fresh copy) and the ingest tile side of ``variant``; None for the default.
+
+    Raises:
+        ValueError: naming the variants, where ``variant`` is not one of them.
+    """
+    if variant is None:
+        return json.loads(json.dumps(RECIPE)), TILE
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; the variants are {', '.join(VARIANTS)}")
+    entry = VARIANTS[variant]
+    return deep_merge(RECIPE, entry.get("recipe", {})), entry.get("tile", TILE)
 
 
 def eoforge(args: list[str], log: Path) -> None:
@@ -141,10 +207,13 @@ def write_indian_pines_tif(root: Path, out: Path) -> Path:
     return tif
 
 
-def ingest(src: Path, out: Path, sensor: str, log: Path, pattern: str | None = None) -> dict:
-    """``eoforge data build`` + ``eoforge data stats`` of one source; its index's counts."""
+def ingest(
+    src: Path, out: Path, sensor: str, log: Path, pattern: str | None = None, tile: int = TILE
+) -> dict:
+    """``eoforge data build`` in ``tile``-px tiles + ``eoforge data stats`` of one source; its
+    index's counts."""
     args = ["data", "build", str(src), str(out), "--sensor", sensor]
-    args += ["--tile-size", str(TILE), "--shard-size", str(SHARD_SIZE)]
+    args += ["--tile-size", str(tile), "--shard-size", str(SHARD_SIZE)]
     eoforge(args + (["--pattern", pattern] if pattern else []), log)
     eoforge(["data", "stats", str(out)], log)
     index = json.loads((out / "index.json").read_text())
@@ -205,25 +274,47 @@ def verdict(rows: list[dict]) -> dict:
     }
 
 
+def model_name(recipe: dict) -> str:
+    """The recipe's model, with its constructor overrides where it has any."""
+    model = recipe["model"]
+    overrides = ", ".join(f"{k}={v}" for k, v in model["kwargs"].items())
+    return model["name"] + (f" ({overrides})" if overrides else "")
+
+
 def markdown(result: dict) -> str:
     m, stages, pre, v = result["machine"], result["stages_s"], result["pretrain"], result["verdict"]
     data, suite = result["data"], result["suite"]
     options = suite["datasets"][0]["options"]
     steps = sorted(pre["losses"], key=int)
     first, last = steps[0], steps[-1]
+    variant = result.get("variant")
+    tile = variant["tile"] if variant else TILE
     lines = [
         "# Does pretraining help? Indian Pines linear probe, release vs random init"
+        + (f", variant {variant['name']}" if variant else "")
         + (" (smoke)" if result["smoke"] else ""),
         "",
+    ]
+    if variant:
+        changes = [f"`{key} = {value}`" for key, value in flat(variant["recipe"]).items()]
+        if variant["tile"] != TILE:
+            changes.append(f"tiles of {variant['tile']} px at ingest instead of {TILE}")
+        lines += [
+            f"Variant `{variant['name']}`, information for choosing a recipe (fixed in advance, "
+            "run once; not the measurement, which is the default recipe): "
+            f"{variant['why']}. Changes against the default recipe: " + "; ".join(changes) + ".",
+            "",
+        ]
+    lines += [
         f"Machine: {m['processor'] or m['machine']}, {m['cpu_count']} CPUs ({m['torch_threads']} "
         f"torch thread(s)), torch {m['torch']}, {result['date']}. Wall time "
         f"{result['wall_s']:.0f} s: "
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
         + ".",
         "",
-        f"Data: Indian Pines as a GeoTIFF, {data['indian_pines']['samples']} tiles of {TILE} px "
+        f"Data: Indian Pines as a GeoTIFF, {data['indian_pines']['samples']} tiles of {tile} px "
         f"({data['indian_pines']['bands']} AVIRIS bands); EnMAP, {data['enmap']['samples']} tiles "
-        f"({data['enmap']['bands']} bands). Pretraining: {result['recipe']['model']['name']} + "
+        f"({data['enmap']['bands']} bands). Pretraining: {model_name(result['recipe'])} + "
         f"MAE, batch {result['recipe']['data']['batch_size']}, lr {result['recipe']['optim']['lr']}"
         f", ZeRO-{result['recipe']['engine']['zero_stage']}, seed {result['recipe']['seed']}; "
         f"{pre['finished_step']} of {pre['steps']} steps; logged loss (mean since the previous "
@@ -266,9 +357,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(work: Path, smoke: bool) -> dict:
-    """Every stage in ``work``; the result without the machine and date."""
-    recipe, suite = json.loads(json.dumps(RECIPE)), json.loads(json.dumps(SUITE))
+def run(work: Path, smoke: bool, variant: str | None = None) -> dict:
+    """Every stage in ``work``, with ``variant``'s recipe and tile (None: the default); the
+    result without the machine and date."""
+    recipe, tile = configure(variant)
+    suite = json.loads(json.dumps(SUITE))
     options = suite["datasets"][0]["options"]
     if smoke:
         recipe.update({k: SMOKE[k] for k in ("steps", "log_every", "save_every")})
@@ -280,11 +373,12 @@ def run(work: Path, smoke: bool) -> dict:
     start = time.perf_counter()
     tif = write_indian_pines_tif(SAMPLE_DATA, work / "indian_pines_tif")
     shards = [work / "shards" / "indian_pines", work / "shards" / "enmap"]
-    data["indian_pines"] = ingest(tif.parent, shards[0], "AVIRIS", log)
+    data["indian_pines"] = ingest(tif.parent, shards[0], "AVIRIS", log, tile=tile)
     stages["ingest Indian Pines"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    data["enmap"] = ingest(SAMPLE_DATA / ENMAP, shards[1], "ENMAP", log, "*SPECTRAL_IMAGE.TIF")
+    pattern = "*SPECTRAL_IMAGE.TIF"
+    data["enmap"] = ingest(SAMPLE_DATA / ENMAP, shards[1], "ENMAP", log, pattern, tile)
     stages["ingest EnMAP"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -313,16 +407,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, help="keep the shards, run and bench here")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--variant", choices=list(VARIANTS), help="a pre-declared recipe variant (VARIANTS)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if args.work:
         args.work.mkdir(parents=True, exist_ok=False)
-        measured = run(args.work.resolve(), args.smoke)
+        measured = run(args.work.resolve(), args.smoke, args.variant)
     else:
         with tempfile.TemporaryDirectory(prefix="pretraining_gain-") as work:
-            measured = run(Path(work), args.smoke)
+            measured = run(Path(work), args.smoke, args.variant)
     result = {
         "benchmark": "pretraining_gain",
         "smoke": args.smoke,
@@ -331,7 +428,17 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": time.perf_counter() - start,
         **measured,
     }
-    write_results(args.out, "pretraining_gain", result, markdown)
+    name = "pretraining_gain"
+    if args.variant:
+        entry = VARIANTS[args.variant]
+        result["variant"] = {
+            "name": args.variant,
+            "why": entry["why"],
+            "recipe": entry.get("recipe", {}),
+            "tile": entry.get("tile", TILE),
+        }
+        name += f"_{args.variant}"
+    write_results(args.out, name, result, markdown)
     return result
 
 

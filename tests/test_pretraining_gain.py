@@ -1,8 +1,10 @@
-"""perf/pretraining_gain.py: the verdict's criterion, and the whole pipeline at smoke size
-(GeoTIFF -> shards -> pretraining -> bench) on the real Indian Pines and EnMAP samples."""
+"""perf/pretraining_gain.py: the verdict's criterion, the pre-declared recipe variants, and the
+whole pipeline at smoke size (GeoTIFF -> shards -> pretraining -> bench) on the real Indian Pines
+and EnMAP samples."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -12,6 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from eoforge.models import create_model
+from eoforge.pretrain.mae import random_masking
+from eoforge.pretrain.objectives import check_kwargs, objective_class
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "perf" / "pretraining_gain.py"
@@ -43,6 +50,106 @@ def test_verdict_needs_the_whole_interval_above_zero():
         gain.verdict([knn])
 
 
+def visible_patches(recipe: dict, tile: int) -> tuple[int, int]:
+    """(patches per tile, patches the MAE encoder sees) for ``recipe`` on a ``tile``-px tile,
+    from the model and objective the recipe builds."""
+    objective = recipe["objective"]
+    check_kwargs(objective["name"], objective["kwargs"], "objective.kwargs")
+    encoder = create_model(recipe["model"]["name"], **recipe["model"]["kwargs"])
+    mae = objective_class(objective["name"])(encoder, **objective["kwargs"])
+    rows, cols = encoder.grid(torch.zeros(1, 3, tile, tile))
+    keep, _ = random_masking(1, rows * cols, mae.mask_ratio, "cpu")  # [1, K]
+    return rows * cols, keep.shape[1]
+
+
+def test_default_recipe_shows_the_encoder_one_of_four_patches():
+    recipe, tile = gain.configure(None)
+    assert recipe == gain.RECIPE and recipe is not gain.RECIPE and tile == gain.TILE == 16
+    assert visible_patches(recipe, tile) == (4, 1)
+
+
+@pytest.mark.parametrize(
+    "variant, changed, tile, patches",
+    [
+        ("patch4", {"model": {"name": "vit_test_patch8", "kwargs": {"patch_size": 4}}}, 16, (16, 4)),
+        ("mask50", {"objective": {**gain.RECIPE["objective"], "kwargs": {
+            **gain.RECIPE["objective"]["kwargs"], "mask_ratio": 0.5}}}, 16, (4, 2)),
+        ("tile32", {}, 32, (16, 4)),
+    ],
+)  # fmt: skip
+def test_each_variant_changes_only_its_recipe_keys_and_tile(variant, changed, tile, patches):
+    default_recipe, default_tile = copy.deepcopy(gain.RECIPE), gain.TILE
+    recipe, variant_tile = gain.configure(variant)
+    assert variant_tile == tile
+    assert {k: v for k, v in recipe.items() if gain.RECIPE[k] != v} == changed
+    assert recipe.keys() == gain.RECIPE.keys()
+    # The model and objective the recipe builds see the stated number of patches.
+    assert visible_patches(recipe, tile) == patches
+    # The variant's recipe is a copy: changing it leaves the default and the variant untouched.
+    recipe["model"]["kwargs"]["patch_size"] = 2
+    recipe["objective"]["kwargs"]["mask_ratio"] = 0.1
+    assert gain.RECIPE == default_recipe and gain.TILE == default_tile
+    assert gain.configure(variant)[0]["model"]["kwargs"].get("patch_size") != 2
+    assert gain.SUITE["datasets"][0]["options"]["window"] == 16  # the probe is the same
+
+
+def test_unknown_variant_is_refused_naming_the_variants(capsys):
+    with pytest.raises(ValueError, match="'patch2'.*patch4, mask50, tile32"):
+        gain.configure("patch2")
+    with pytest.raises(SystemExit):
+        gain.main(["--variant", "patch2"])
+    err = capsys.readouterr().err
+    assert "'patch2'" in err and all(name in err for name in gain.VARIANTS)
+
+
+def fake_run(work: Path, smoke: bool, variant: str | None = None) -> dict:
+    """What ``gain.run`` returns, without running anything: the configured recipe and canned
+    measurements (one paired row per protocol)."""
+    recipe, _ = gain.configure(variant)
+    rows = [paired_row(0.01, 0.2), paired_row(-0.02, 0.05, protocol="knn")]
+    return {
+        "recipe": recipe,
+        "suite": gain.SUITE,
+        "data": {
+            key: {"samples": 9, "sensors": {}, "bands": 2} for key in ("indian_pines", "enmap")
+        },
+        "pretrain": {"steps": 300, "finished_step": 300, "losses": {50: 0.9, 300: 0.7}},
+        "stages_s": {"pretrain": 1.0},
+        "cells": [],
+        "rows": rows,
+        "verdict": gain.verdict(rows),
+    }
+
+
+def test_variant_results_are_named_and_described_apart_from_the_default(monkeypatch, tmp_path):
+    monkeypatch.setattr(gain, "run", fake_run)
+    gain.main(["--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "pretraining_gain.json",
+        "pretraining_gain.md",
+    ]
+    default = json.loads((tmp_path / "pretraining_gain.json").read_text())
+    assert "variant" not in default
+    assert "variant" not in (tmp_path / "pretraining_gain.md").read_text()
+
+    gain.main(["--out", str(tmp_path), "--variant", "tile32"])
+    gain.main(["--out", str(tmp_path), "--variant", "patch4"])
+    tile32 = json.loads((tmp_path / "pretraining_gain_tile32.json").read_text())
+    assert tile32["variant"] == {
+        "name": "tile32", "why": gain.VARIANTS["tile32"]["why"], "recipe": {}, "tile": 32,
+    }  # fmt: skip
+    md = (tmp_path / "pretraining_gain_tile32.md").read_text()
+    assert md.splitlines()[0].endswith("variant tile32")
+    assert "tiles of 32 px at ingest instead of 16" in md and "9 tiles of 32 px" in md
+    patch4 = json.loads((tmp_path / "pretraining_gain_patch4.json").read_text())
+    assert patch4["variant"]["recipe"] == {"model": {"kwargs": {"patch_size": 4}}}
+    assert patch4["recipe"]["model"]["kwargs"] == {"patch_size": 4}
+    md = (tmp_path / "pretraining_gain_patch4.md").read_text()
+    assert "`model.kwargs.patch_size = 4`" in md and "vit_test_patch8 (patch_size=4)" in md
+    # The default's files were not touched by the variants' runs.
+    assert json.loads((tmp_path / "pretraining_gain.json").read_text()) == default
+
+
 def run_smoke(sample_data: Path, out: Path, *extra: str) -> tuple[dict, str]:
     """The script's --smoke run, in a process of its own (pretraining starts a process group);
     its JSON result and Markdown."""
@@ -55,8 +162,12 @@ def run_smoke(sample_data: Path, out: Path, *extra: str) -> tuple[dict, str]:
         env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-6000:]
-    result = json.loads((out / "pretraining_gain.json").read_text())
-    return result, (out / "pretraining_gain.md").read_text()
+    name = "pretraining_gain" + (
+        f"_{extra[extra.index('--variant') + 1]}" if "--variant" in extra else ""
+    )
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.md"]
+    result = json.loads((out / f"{name}.json").read_text())
+    return result, (out / f"{name}.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +232,20 @@ def test_smoke_repeats_exactly_in_another_work_folder(smoke, sample_data, tmp_pa
     first, _ = smoke
     assert again["pretrain"]["losses"] == first["pretrain"]["losses"]
     assert again["cells"] == first["cells"]
+
+
+@pytest.mark.slow
+def test_smoke_tile32_ingests_32_px_tiles_and_probes_the_same_window(smoke, sample_data, tmp_path):
+    result, md = run_smoke(sample_data, tmp_path, "--variant", "tile32")
+    assert result["variant"]["name"] == "tile32" and result["variant"]["tile"] == 32
+    # 145 x 145 px: 4 x 4 whole tiles + 8 edge tiles over half valid (the corner one is not);
+    # the 2 EnMAP scenes of 128 x 128 px: 16 tiles each.
+    assert result["data"]["indian_pines"]["samples"] == 24
+    assert result["data"]["enmap"]["samples"] == 32
+    assert "24 tiles of 32 px" in md
+    # Only the ingest changes: the recipe is the smoke recipe, the bench the same suite.
+    default, _ = smoke
+    assert result["recipe"] == default["recipe"]
+    assert result["suite"] == default["suite"]
+    assert result["pretrain"]["finished_step"] == gain.SMOKE["steps"]
+    assert result["verdict"]["n_seeds"] == len(gain.SUITE["seeds"])
