@@ -51,11 +51,13 @@ class UnsafeCheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A committed checkpoint: its folder, step and the world size that wrote it."""
+    """A committed checkpoint: its folder, step, and the world size and engine precision that
+    wrote it (None where its manifest predates them)."""
 
     path: Path
     step: int
     world_size: int | None
+    precision: str | None = None
 
     @property
     def tag(self) -> str:
@@ -70,7 +72,9 @@ def partial_tag(step: int) -> str:
     return PARTIAL_PREFIX + step_tag(step)
 
 
-def commit(directory: str | Path, step: int, world_size: int, keep_last: int) -> Path:
+def commit(
+    directory: str | Path, step: int, world_size: int, keep_last: int, precision: str | None = None
+) -> Path:
     """Rank 0, once every rank has written ``partial_tag(step)``: manifest, rename, ``latest``,
     pruning to the last ``keep_last``. Returns the committed folder."""
     directory = Path(directory)
@@ -80,7 +84,7 @@ def commit(directory: str | Path, step: int, world_size: int, keep_last: int) ->
         for p in sorted(partial.rglob("*"))
         if p.is_file()
     }
-    manifest = {"step": step, "world_size": world_size, "files": files}
+    manifest = {"step": step, "world_size": world_size, "precision": precision, "files": files}
     _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
     if final.exists():  # a checkpoint of the same step from before a resume: replaced whole
         shutil.rmtree(final)
@@ -114,7 +118,10 @@ def check(path: Path) -> tuple[Checkpoint | None, str]:
             return None, f"{name} is missing"
         if file.stat().st_size != size:
             return None, f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-    return Checkpoint(path, int(manifest["step"]), manifest.get("world_size")), ""
+    found = Checkpoint(
+        path, int(manifest["step"]), manifest.get("world_size"), manifest.get("precision")
+    )
+    return found, ""
 
 
 def newest_whole(directory: str | Path, is_main: bool = True) -> Checkpoint | None:

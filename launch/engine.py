@@ -27,6 +27,7 @@ from eoforge.launch.checkpoints import (
     universal_location,
     vet_pickles,
 )
+from eoforge.launch.config import ConfigError
 from eoforge.launch.distributed import import_deepspeed
 from eoforge.launch.faults import kill_point
 
@@ -196,12 +197,18 @@ class DeepSpeedEngine:
         kill_point("kill_in_save", step, rank)
         torch.distributed.barrier()
         if rank == 0:
-            commit(directory, step, torch.distributed.get_world_size(), keep_last)
+            commit(directory, step, torch.distributed.get_world_size(), keep_last, self.precision)
         torch.distributed.barrier()
         return directory / step_tag(step)
 
     def load(self, checkpoint: Checkpoint) -> dict:
-        """Load ``checkpoint`` (its pickles vetted first); returns its client state."""
+        """Load ``checkpoint`` (its pickles vetted first); returns its client state.
+
+        Raises:
+            ConfigError: where the checkpoint keeps its weights in another form than this
+                engine's precision does (``refuse_other_precision``).
+        """
+        refuse_other_precision(checkpoint, self.precision)
         vet_pickles(checkpoint.path)
         load_dir, tag = checkpoint.path.parent, checkpoint.tag
         if self.load_universal:
@@ -214,6 +221,40 @@ class DeepSpeedEngine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
         return client_state
+
+
+def weights_form(precision: str) -> str:
+    """The dtype DeepSpeed keeps a module's weights in under ``precision`` (resolved)."""
+    return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "fp32")
+
+
+def refuse_other_precision(checkpoint: Checkpoint, precision: str) -> None:
+    """Refuse to resume ``checkpoint`` under a ``precision`` whose weights form differs.
+
+    DeepSpeed's bf16 mode keeps bf16 weights beside fp32 master copies, in optimizer files of its
+    own (``bf16_*``), and its fp16 mode fp16 weights with a loss scaler; loading across weight
+    forms fails deep inside DeepSpeed or is untested, so it is refused here. fp32 and
+    bf16-autocast keep fp32 weights in one layout, so a run started on a CPU (``auto``: fp32)
+    resumes on a GPU (``auto``: bf16-autocast). Checkpoints whose manifest predates the
+    precision record are told apart by the bf16 mode's file names only.
+
+    Raises:
+        ConfigError: naming the checkpoint, both precisions and the setting that resumes it.
+    """
+    saved = checkpoint.precision
+    if saved is None:
+        bf16_files = any(checkpoint.path.glob("bf16_*optim_states.pt"))
+        if bf16_files == (precision == "bf16"):
+            return  # fp16, fp32 and bf16-autocast share file names: nothing more to tell
+        saved = "bf16" if bf16_files else "fp32, fp16 or bf16-autocast"
+    elif weights_form(saved) == weights_form(precision):
+        return
+    raise ConfigError(
+        f"checkpoint {checkpoint.path} was written with engine.precision={saved}, and this run's "
+        f"engine.precision resolves to {precision} (auto: bf16-autocast on a GPU, fp32 on a "
+        "CPU). DeepSpeed keeps the weights and the optimizer's files differently in the two, so "
+        f"a run cannot resume across them: set engine.precision to {saved} to resume it."
+    )
 
 
 def to_device(batch, device):

@@ -147,6 +147,60 @@ def test_torn_checkpoint_is_skipped_with_a_warning(single, cache, tmp_path):
     assert f"checkpoint {checkpoints / 'step_00000004'} is torn ({optim.name} has" in log
 
 
+def with_precision(args: list[str], precision: str) -> list[str]:
+    return [a for a in args if not a.startswith("engine.precision=")] + [
+        f"engine.precision={precision}"
+    ]
+
+
+@pytest.mark.slow
+def test_a_resume_across_weight_forms_is_refused_naming_the_precision(single, cache, tmp_path):
+    """fp32 and bf16-autocast keep fp32 weights in one layout: a CPU run (auto: fp32) resumes
+    under bf16-autocast (auto on a GPU). DeepSpeed's bf16 mode keeps bf16 weights and optimizer
+    files of its own: a resume across that line stops with a message naming the precision that
+    resumes it, for manifests that record the precision and for older ones that do not."""
+    autocast = tmp_path / "autocast"
+    shutil.copytree(single[0], autocast)
+    result = eoforge(
+        ["pretrain", *with_precision(single[1], "bf16-autocast"), f"run_dir={autocast}"], cache
+    )
+    assert "resuming at step 4" in result.stdout and "ZeRO-2 bf16-autocast" in result.stdout
+    assert sorted(scalars(autocast, "loss")) == list(range(1, 7))
+
+    refused = tmp_path / "refused"
+    shutil.copytree(single[0], refused)
+    newest = refused / "checkpoints" / "step_00000004"
+    assert json.loads((newest / "complete.json").read_text())["precision"] == "fp32"
+    bf16 = with_precision(single[1], "bf16")
+    result = eoforge(["pretrain", *bf16, f"run_dir={refused}"], cache, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"checkpoint {newest} was written with engine.precision=fp32" in result.stderr
+    assert "resolves to bf16" in result.stderr and "set engine.precision to fp32" in result.stderr
+
+    for step in (3, 4):  # manifests written before they named the precision
+        manifest = refused / "checkpoints" / f"step_{step:08d}" / "complete.json"
+        old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "precision"}
+        manifest.write_text(json.dumps(old))
+    result = eoforge(["pretrain", *bf16, f"run_dir={refused}"], cache, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "set engine.precision to fp32, fp16 or bf16-autocast" in result.stderr
+
+    written_bf16 = tmp_path / "bf16"
+    eoforge(["pretrain", *bf16, "stop_at=2", f"run_dir={written_bf16}"], cache)
+    newest = written_bf16 / "checkpoints" / "step_00000002"
+    assert any(newest.glob("bf16_*optim_states.pt"))
+    for step in (1, 2):  # told apart by DeepSpeed's bf16 file names alone
+        manifest = written_bf16 / "checkpoints" / f"step_{step:08d}" / "complete.json"
+        old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "precision"}
+        manifest.write_text(json.dumps(old))
+    args = with_precision(single[1], "bf16-autocast")
+    result = eoforge(["pretrain", *args, f"run_dir={written_bf16}"], cache, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"checkpoint {newest} was written with engine.precision=bf16" in result.stderr
+    result = eoforge(["pretrain", *bf16, f"run_dir={written_bf16}"], cache)
+    assert "resuming at step 2" in result.stdout
+
+
 class Payload:
     """Unpickling this runs a shell command that leaves a file behind."""
 
