@@ -460,6 +460,12 @@ class Recombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spectral, spatial, weight):
         """spectral S [B, H, r, C+1, k], spatial P [B, H, r, N+1, j], weight W [D, H, k, j]."""
+        device = spectral.device.type
+        if torch.is_autocast_enabled(device):
+            # The branches arrive in autocast's dtype and W (a parameter) in fp32; backward runs
+            # outside autocast, so all three are cast to its dtype here and saved that way.
+            dtype = torch.get_autocast_dtype(device)
+            spectral, spatial, weight = spectral.to(dtype), spatial.to(dtype), weight.to(dtype)
         ctx.save_for_backward(spectral, spatial, weight)
         b, _, _, c, _ = spectral.shape
         n, dim = spatial.shape[3], weight.shape[0]

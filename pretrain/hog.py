@@ -76,5 +76,8 @@ def hog_energy(
 ) -> torch.Tensor:
     """HOG energy per patch: images [B, C, H, W] -> [B, N], the RMS of each un-normalised HOG
     vector of the band-mean image (see the module docstring for the upstream bug it fixes)."""
-    vectors = patch_hog(luminance(images, valid), patch_size)  # [B, N, bins * cells]
+    # A score, not a trained path: in fp32 even under autocast, whose bf16 Sobel responses
+    # would also coarsen the orientation bins.
+    with torch.autocast(images.device.type, enabled=False):
+        vectors = patch_hog(luminance(images.float(), valid), patch_size)  # [B, N, bins * cells]
     return vectors.square().mean(dim=-1).sqrt()

@@ -178,6 +178,30 @@ def test_every_parameter_gets_a_gradient(grad_checkpointing):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_bf16_autocast_trains_with_fp32_weights_and_follows_fp32():
+    """Under bf16 autocast (the GPU default's compute) the recombination's backward, which runs
+    outside autocast, gets its inputs in one dtype; outputs and gradients stay within bf16's
+    rounding of the fp32 pass, and every weight gradient is fp32."""
+    torch.manual_seed(0)
+    m = create_model("less_test_patch8")
+    ids, wl = _bands(4)
+    images, valid = torch.randn(2, 4, 16, 16), torch.rand(2, 4, 16, 16) > 0.3
+    grads = {}
+    for autocast in (False, True):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(images, ids, wl, valid=valid)
+        sum(v.float().square().mean() for v in out.values()).backward()
+        grads[autocast] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for name, grad in grads[True].items():
+        assert grad.dtype == torch.float32, name
+    flat = {a: torch.cat([g.flatten() for g in grads[a].values()]) for a in grads}
+    assert torch.linalg.vector_norm(flat[True] - flat[False]) < 0.05 * torch.linalg.vector_norm(
+        flat[False]
+    )
+    assert not torch.equal(flat[True], flat[False])  # the matmuls did run in bf16
+
+
 @pytest.mark.parametrize("name", sorted(WIDTHS))
 def test_every_registered_less_model_builds(name):
     assert name in list_models()

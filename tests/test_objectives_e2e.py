@@ -1,5 +1,6 @@
-"""Every shipped objective config runs end to end on DeepSpeed (CPU) on real shards, and the
-release it writes records the objective.
+"""Every shipped objective config runs end to end on DeepSpeed (CPU) on real shards, in the
+GPU's default precision (fp32 weights, bf16 autocast), and the release it writes records the
+objective.
 
 The shipped configs carry the published recipes (ViT-B, 512-wide decoders, long schedules); the
 runs here override only the sizes and the schedule, so the objective, its options and the data
@@ -27,7 +28,9 @@ RUN = [
     "log_every=1",
     "image_every=3",
     "save_every=3",
-    "engine.precision=fp32",
+    # The GPU default (auto): every objective's forward, preview and backward under bf16
+    # autocast with fp32 weights; the CPU default, fp32, runs in the demo and the other tests.
+    "engine.precision=bf16-autocast",
     "data.batch_size=2",
     "data.num_workers=0",
     "optim.warmup_steps=1",

@@ -100,6 +100,16 @@ def test_hog_energy_follows_edges_and_their_orientation():
     assert hog_energy(ring, 8) * edge_mass < hog_energy(edge, 8) * ring_mass
 
 
+def test_hog_energy_is_fp32_under_autocast(batch):
+    """The score runs in fp32 under bf16 autocast (the GPU default's compute), as without it."""
+    images = batch["S2L2A"]["image"]
+    expected = hog_energy(images, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hog_energy(images, 8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
 def test_phase_schedule_maps_the_published_epochs():
     # Epochs 280, 300, 580, 600 of 800: similar, blend, dissimilar, blend, random.
     assert phase_counts(0.0, 10) == (10, 0, 0)
