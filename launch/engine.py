@@ -51,17 +51,23 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` is bf16-autocast on a GPU and fp32 on a CPU; other values are kept.
+def resolve_precision(precision: str, zero_stage: int = 2) -> str:
+    """``auto``: bf16-autocast on a GPU under ZeRO-1/2, bf16 on a GPU under ZeRO-3, fp32 on a
+    CPU; other values are kept.
 
-    On an H100, a compiled ViT-B/16 MAE step under ZeRO-2 ran 1.33x as fast with fp32 weights
-    and bf16 autocast as in DeepSpeed's bf16 mode, which keeps bf16 weights beside fp32 master
-    copies (perf/results/gpu_h100). The price is memory under ZeRO-1/2: each rank holds the
-    whole model in fp32 rather than bf16, 2 more bytes per parameter; ZeRO-3 partitions it.
+    On an H100, a compiled ViT-B/16 MAE step under ZeRO-2 ran 1.33x as fast with fp32 weights and
+    bf16 autocast as in DeepSpeed's bf16 mode, which keeps bf16 weights beside fp32 master copies
+    (perf/results/gpu_h100; one GPU, the eager step not timed). The price, not measured yet:
+    under ZeRO-1/2 every rank holds the weights in fp32 (2 bytes more per parameter; ZeRO-1's
+    unpartitioned gradients are fp32 too, 2 more) and all-gathers the updated fp32 weights after
+    each step, about 6 bytes moved per parameter instead of bf16's 4. ZeRO-3 gathers the weights
+    in every forward and backward, its largest traffic, so there ``auto`` keeps them in bf16.
     """
     if precision != "auto":
         return precision
-    return "bf16-autocast" if torch.cuda.is_available() else "fp32"
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if zero_stage == 3 else "bf16-autocast"
 
 
 def deepspeed_config(
@@ -129,7 +135,7 @@ class DeepSpeedEngine:
         compile: bool = False,
     ):
         deepspeed = import_deepspeed()
-        self.precision = resolve_precision(precision)
+        self.precision = resolve_precision(precision, zero_stage)
         groups = param_groups(module, weight_decay)
         optimizer = torch.optim.AdamW(
             groups, lr=lr, betas=tuple(betas), fused=torch.cuda.is_available()

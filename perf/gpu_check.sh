@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent-device session, in one go (a few minutes on an H100):
 #   1. the gpu-marked tests (flash-attn and SDPA kernels against each other);
-#   2. perf/mae_step.py: eoforge's MAE step (ZeRO-2 in bf16-autocast and in DeepSpeed's bf16;
-#      eager, compiled, and compiled with the loop's non-finite guard) beside the reference MAE
-#      under DeepSpeed ZeRO-2 + compile and in plain compiled torch, with the MFU (target 1);
+#   2. perf/mae_step.py: eoforge's MAE step under ZeRO-2 (bf16-autocast: eager, compiled, and
+#      compiled with the loop's non-finite guard; DeepSpeed's bf16: eager and compiled) and in
+#      plain torch, beside the reference MAE under DeepSpeed ZeRO-2 + compile (bf16 and
+#      bf16-autocast) and in plain compiled torch, with the MFU (target 1);
 #   3. perf/selective_mae.py: SelectiveMAE beside the compiled reference MAE (target 2).
 # JSON and Markdown results go to $OUT (the device tool's output folder) or perf/results. A step
 # that fails is reported and the next one still runs; the exit status says whether every step

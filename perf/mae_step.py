@@ -13,7 +13,10 @@ Timed side by side in one process, at equal shapes, on one synthetic 12-band Sen
   weights, fp32 master copies: ``engine.precision: bf16``, the mode the reference runs in); and
   the same objective compiled in plain torch without DeepSpeed, the model's own speed;
 * ``ref_zero2``: ``RefMAE`` of ``../shared/bench/ref_mae.py`` through ``deepspeed.initialize``
-  with ZeRO-2 as ``ref_mae_deepspeed.py`` configures it, plus ``engine.compile()`` on a GPU;
+  with ZeRO-2 as ``ref_mae_deepspeed.py`` configures it (DeepSpeed's bf16 mode on a GPU), plus
+  ``engine.compile()`` on a GPU: the yardstick;
+* ``ref_zero2_autocast``: the same in bf16-autocast, eoforge's default precision on a GPU, so
+  that eoforge's engine is also compared with the reference in like precision;
 * ``ref_plain``: ``RefMAE`` in plain torch with fused AdamW and bf16 autocast, compiled with
   ``torch.compile`` on a GPU (eager on a CPU, where compiling is not what is measured).
 
@@ -92,7 +95,6 @@ SMOKE_ROWS = {
     "eoforge_zero2": {},
     "eoforge_zero2_autocast_guarded": {"precision": "bf16-autocast", "guard": True},
     "eoforge_zero2_bf16": {"precision": "bf16"},
-    "eoforge_zero1": {"zero_stage": 1},
     "eoforge_plain": {"plain": True},
 }
 # The loop's step with engine.compile: true, in the default precision.
@@ -156,36 +158,62 @@ def eoforge_step(
     return step
 
 
-def ref_steps(cfg: dict, device: torch.device, ref_cls) -> dict[str, Callable[[], None]]:
-    """The reference MAE in DeepSpeed ZeRO-2 (as ref_mae_deepspeed.py) and in plain torch."""
+def ref_zero2(cfg: dict, device: torch.device, ref_cls, precision: str) -> Callable[[], None]:
+    """The reference MAE through ``deepspeed.initialize`` with ZeRO-2 as ref_mae_deepspeed.py
+    configures it, plus ``engine.compile()`` on a GPU. ``precision``: ``bf16`` (DeepSpeed's bf16
+    mode, PERFORMANCE.md's yardstick), ``bf16-autocast`` (fp32 weights under DeepSpeed's
+    torch_autocast, eoforge's default on a GPU) or ``fp32``."""
     deepspeed = import_deepspeed()
-    gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    images = s2_batch(cfg)["S2L2A"]["image"].to(device)
-
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    images = s2_batch(cfg)["S2L2A"]["image"].to(device, dtype)
     model = reference(ref_cls, cfg).to(dtype)  # buffers too: DeepSpeed casts parameters only
     optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
     config = {
         "train_micro_batch_size_per_gpu": cfg["batch"],
         "gradient_accumulation_steps": 1,
-        "bf16": {"enabled": gpu},
+        "bf16": {"enabled": precision == "bf16"},
+        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16"},
         "zero_optimization": {"stage": 2},
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    if gpu:
+    if device.type == "cuda":
         engine.compile()
-    ds_images = images.to(dtype)
 
-    def zero2() -> None:
-        loss = engine(ds_images)
+    def step() -> None:
+        loss = engine(images)
         engine.backward(loss)
         engine.step()
 
+    return step
+
+
+def ref_plain(cfg: dict, device: torch.device, ref_cls) -> Callable[[], None]:
+    """The reference MAE in plain torch (bf16 autocast and fused AdamW on a GPU), compiled on a
+    GPU."""
+    images = s2_batch(cfg)["S2L2A"]["image"].to(device)
     plain = reference(ref_cls, cfg).to(device)
-    forward = torch.compile(plain) if gpu else plain
-    return {"ref_zero2": zero2, "ref_plain": train_step(plain, lambda: forward(images), device)}
+    forward = torch.compile(plain) if device.type == "cuda" else plain
+    return train_step(plain, lambda: forward(images), device)
+
+
+def ref_rows(device: torch.device) -> dict[str, dict]:
+    """The reference's rows and their settings: ZeRO-2 in DeepSpeed's bf16 mode on a GPU (the
+    yardstick), ZeRO-2 in bf16-autocast (the yardstick in eoforge's default precision), plain."""
+    gpu = device.type == "cuda"
+    zero2 = {"engine": "DeepSpeed", "zero_stage": 2, "compile": gpu, "guard": False}
+    return {
+        "ref_zero2": zero2 | {"precision": "bf16" if gpu else "fp32"},
+        "ref_zero2_autocast": zero2 | {"precision": "bf16-autocast"},
+        "ref_plain": {
+            "engine": "plain torch",
+            "zero_stage": None,
+            "precision": "bf16-autocast" if gpu else "fp32",
+            "compile": gpu,
+            "guard": False,
+        },
+    }
 
 
 def time_rounds(
@@ -242,7 +270,9 @@ def row_settings(options: dict, device: torch.device) -> dict:
     if options.get("plain"):
         precision = "bf16-autocast" if gpu else "fp32"  # train_step's autocast
     else:
-        precision = resolve_precision(options.get("precision", "auto"))
+        precision = resolve_precision(
+            options.get("precision", "auto"), options.get("zero_stage", 2)
+        )
     return {
         "engine": "plain torch" if options.get("plain") else "DeepSpeed",
         "zero_stage": None if options.get("plain") else options.get("zero_stage", 2),
@@ -264,7 +294,13 @@ def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dic
     ref_cls = load_ref_mae(ref_path)
     if ref_cls is None:
         raise SystemExit(f"reference MAE not found at {ref_path}; pass --ref PATH/ref_mae.py")
-    steps |= ref_steps(cfg, device, ref_cls)
+    refs = ref_rows(device)
+    steps["ref_zero2"] = ref_zero2(cfg, device, ref_cls, refs["ref_zero2"]["precision"])
+    try:
+        steps["ref_zero2_autocast"] = ref_zero2(cfg, device, ref_cls, "bf16-autocast")
+    except Exception as err:
+        failed["ref_zero2_autocast"] = f"{type(err).__name__}: {err}"
+    steps["ref_plain"] = ref_plain(cfg, device, ref_cls)
     seconds = time_rounds(steps, cfg, device, failed)
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     result = {
@@ -274,15 +310,9 @@ def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dic
         "ratio_to_ref_zero2": medians["ref_zero2"] / medians["eoforge_zero2"],
         "ratio_to_ref_plain": medians["ref_plain"] / medians["eoforge_zero2"],
         "failed": failed,
-        "row_settings": {name: row_settings(options, device) for name, options in rows.items()},
+        "row_settings": {name: row_settings(options, device) for name, options in rows.items()}
+        | refs,
     }
-    gpu = device.type == "cuda"
-    result["row_settings"] |= {
-        "ref_zero2": {"engine": "DeepSpeed", "zero_stage": 2, "precision": "bf16" if gpu else
-                      "fp32", "compile": gpu, "guard": False},
-        "ref_plain": {"engine": "plain torch", "zero_stage": None, "precision": "bf16-autocast"
-                      if gpu else "fp32", "compile": gpu, "guard": False},
-    }  # fmt: skip
     if device.type == "cuda":
         # A gated row that failed fails the gate (NaN ratio); it is never swapped for another.
         gated_s = medians.get(GATED, math.nan)

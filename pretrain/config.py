@@ -122,8 +122,9 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 2  # 1, 2 or 3
-    # auto (bf16-autocast on GPU, fp32 on CPU), bf16 (DeepSpeed's bf16 weights with fp32 master
-    # copies), fp16, fp32, or bf16-autocast (fp32 weights, bf16 compute under torch.autocast)
+    # auto (GPU: bf16-autocast under ZeRO-1/2, bf16 under ZeRO-3; CPU: fp32), bf16 (DeepSpeed's
+    # bf16 weights with fp32 master copies), fp16, fp32, or bf16-autocast (fp32 weights, bf16
+    # compute under torch.autocast); eoforge.launch.engine.resolve_precision says why.
     precision: str = "auto"
     grad_clip: float = 1.0
     # A micro-batch whose loss is NaN/Inf (on any rank) is skipped and counted; this many in a

@@ -77,15 +77,20 @@ def test_impossible_data_settings_are_named(overrides, key):
 
 
 def test_auto_precision_is_bf16_autocast_on_a_gpu_and_fp32_on_a_cpu(monkeypatch):
-    """``engine.precision: auto`` picks fp32 weights with bf16 autocast on a GPU (faster than
-    DeepSpeed's bf16 mode there, perf/results/gpu_h100); explicit values are kept."""
+    """``engine.precision: auto`` picks fp32 weights with bf16 autocast on a GPU under ZeRO-1/2
+    (its compiled step beat DeepSpeed's bf16 mode there, perf/results/gpu_h100), bf16 under
+    ZeRO-3 (whose weight gathers would move fp32), fp32 on a CPU; explicit values are kept."""
     from eoforge.launch.engine import deepspeed_config, resolve_precision
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert resolve_precision("auto") == "bf16-autocast"
+    assert resolve_precision("auto", zero_stage=1) == "bf16-autocast"
+    assert resolve_precision("auto", zero_stage=3) == "bf16"
     config = deepspeed_config(8, 2, resolve_precision("auto"), 1.0)
     assert config["torch_autocast"]["enabled"] and not config["bf16"]["enabled"]
     assert resolve_precision("bf16") == "bf16"
+    assert resolve_precision("bf16-autocast", zero_stage=3) == "bf16-autocast"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("auto", zero_stage=3) == "fp32"
     assert resolve_precision("bf16-autocast") == "bf16-autocast"

@@ -34,12 +34,13 @@ def test_gpu_check_smoke_runs_the_benchmarks_on_cpu(tmp_path):
     mae = json.loads((tmp_path / "mae_step_smoke.json").read_text())
     assert mae["smoke"] and mae["device"] == "CPU" and not mae["gate"]["gated"]
     rows = {"eoforge_zero2", "eoforge_zero2_autocast_guarded", "eoforge_zero2_bf16"}
-    rows |= {"eoforge_zero1", "eoforge_plain"}
-    assert set(mae["measured"]["img_per_s"]) == rows | {"ref_zero2", "ref_plain"}
+    rows |= {"eoforge_plain", "ref_zero2", "ref_zero2_autocast", "ref_plain"}
+    assert set(mae["measured"]["img_per_s"]) == rows
     precisions = {n: s["precision"] for n, s in mae["measured"]["row_settings"].items()}
     assert precisions["eoforge_zero2"] == "fp32"  # auto on a CPU
     assert precisions["eoforge_zero2_autocast_guarded"] == "bf16-autocast"
     assert precisions["eoforge_zero2_bf16"] == "bf16"
+    assert precisions["ref_zero2"] == "fp32" and precisions["ref_zero2_autocast"] == "bf16-autocast"
     assert all(v > 0 for v in mae["measured"]["img_per_s"].values())
     selective = json.loads((tmp_path / "selective_mae.json").read_text())
     assert selective["smoke"]
