@@ -75,8 +75,9 @@ def partial_tag(step: int) -> str:
 def commit(
     directory: str | Path, step: int, world_size: int, keep_last: int, precision: str | None = None
 ) -> Path:
-    """Rank 0, once every rank has written ``partial_tag(step)``: manifest, rename, ``latest``,
-    pruning to the last ``keep_last``. Returns the committed folder."""
+    """Rank 0, once every rank has written ``partial_tag(step)``: manifest (step, world size,
+    the engine's resolved ``precision``, file sizes), rename, ``latest``, pruning to the last
+    ``keep_last``. Returns the committed folder."""
     directory = Path(directory)
     partial, final = directory / partial_tag(step), directory / step_tag(step)
     files = {

@@ -252,14 +252,21 @@ def refuse_other_precision(checkpoint: Checkpoint, precision: str) -> None:
         bf16_files = any(checkpoint.path.glob("bf16_*optim_states.pt"))
         if bf16_files == (precision == "bf16"):
             return  # fp16, fp32 and bf16-autocast share file names: nothing more to tell
-        saved = "bf16" if bf16_files else "fp32, fp16 or bf16-autocast"
+        if bf16_files:
+            saved, resumes = "bf16", "bf16"
+        else:
+            saved = "fp32, fp16 or bf16-autocast (its manifest does not say which)"
+            resumes = "fp32 or bf16-autocast (fp16 if it was written in fp16)"
     elif weights_form(saved) == weights_form(precision):
         return
+    else:
+        resumes = {"bf16": "bf16", "fp16": "fp16"}.get(saved, "fp32 or bf16-autocast")
     raise ConfigError(
-        f"checkpoint {checkpoint.path} was written with engine.precision={saved}, and this run's "
-        f"engine.precision resolves to {precision} (auto: bf16-autocast on a GPU, fp32 on a "
-        "CPU). DeepSpeed keeps the weights and the optimizer's files differently in the two, so "
-        f"a run cannot resume across them: set engine.precision to {saved} to resume it."
+        f"checkpoint {checkpoint.path} was written in engine.precision {saved}, and this run's "
+        f"engine.precision resolves to {precision} (auto: bf16-autocast on a GPU under ZeRO-1/2, "
+        "bf16 under ZeRO-3, fp32 on a CPU). DeepSpeed keeps the weights and the optimizer's "
+        "files differently in the two, so a run cannot resume across them, at this world size "
+        f"or another: set engine.precision to {resumes} to resume it."
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eoforge.launch.checkpoints import newest_whole
+from eoforge.launch.checkpoints import check, committed, newest_whole
 from eoforge.launch.config import save_config
 from eoforge.launch.distributed import (
     any_rank,
@@ -24,14 +24,14 @@ from eoforge.launch.distributed import (
     gather_objects,
     init_distributed,
 )
-from eoforge.launch.engine import DeepSpeedEngine
+from eoforge.launch.engine import DeepSpeedEngine, refuse_other_precision, resolve_precision
 from eoforge.launch.faults import kill_point, poison_loss
 from eoforge.launch.guards import NonFiniteGuard
 from eoforge.launch.logging import TensorBoard, get_logger, reconstruction_grid
 from eoforge.launch.rundir import RunDir
 from eoforge.launch.signals import StopRequest
 from eoforge.models import create_model
-from eoforge.pretrain.config import PretrainConfig
+from eoforge.pretrain.config import EngineConfig, PretrainConfig
 from eoforge.pretrain.data import (
     SampleLog,
     build_stream,
@@ -79,6 +79,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         log.info(f"run {run.path} is already finished; pass new_run=true to start it afresh")
         return run.path
     dist_env = init_distributed(dist_env)
+    if not cfg.new_run:
+        # Before the run folder's config is rewritten or anything is built.
+        refuse_resume_in_other_precision(run, cfg.engine)
     if dist_env.is_main:
         if cfg.new_run and run.path.exists():
             _clear(run)
@@ -221,6 +224,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
             log.info(f"release written to {out}")
     barrier()
     return run.path
+
+
+def refuse_resume_in_other_precision(run: RunDir, engine: EngineConfig) -> None:
+    """The newest whole checkpoint of ``run``, if any, must resume in ``engine``'s precision
+    (``eoforge.launch.engine.refuse_other_precision``); checked without touching the run."""
+    for path in reversed(committed(run.checkpoints)):
+        found, _ = check(path)
+        if found:
+            refuse_other_precision(found, resolve_precision(engine.precision, engine.zero_stage))
+            return
 
 
 def _clear(run: RunDir) -> None:

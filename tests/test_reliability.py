@@ -172,10 +172,13 @@ def test_a_resume_across_weight_forms_is_refused_naming_the_precision(single, ca
     newest = refused / "checkpoints" / "step_00000004"
     assert json.loads((newest / "complete.json").read_text())["precision"] == "fp32"
     bf16 = with_precision(single[1], "bf16")
+    config = (refused / "config.yaml").read_text()
     result = eoforge(["pretrain", *bf16, f"run_dir={refused}"], cache, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"checkpoint {newest} was written with engine.precision=fp32" in result.stderr
-    assert "resolves to bf16" in result.stderr and "set engine.precision to fp32" in result.stderr
+    assert f"checkpoint {newest} was written in engine.precision fp32," in result.stderr
+    assert "resolves to bf16 " in result.stderr
+    assert "set engine.precision to fp32 or bf16-autocast to resume it" in result.stderr
+    assert (refused / "config.yaml").read_text() == config  # refused before it was rewritten
 
     for step in (3, 4):  # manifests written before they named the precision
         manifest = refused / "checkpoints" / f"step_{step:08d}" / "complete.json"
@@ -183,7 +186,8 @@ def test_a_resume_across_weight_forms_is_refused_naming_the_precision(single, ca
         manifest.write_text(json.dumps(old))
     result = eoforge(["pretrain", *bf16, f"run_dir={refused}"], cache, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "set engine.precision to fp32, fp16 or bf16-autocast" in result.stderr
+    assert "in engine.precision fp32, fp16 or bf16-autocast (its manifest" in result.stderr
+    assert "set engine.precision to fp32 or bf16-autocast (fp16 if" in result.stderr
 
     written_bf16 = tmp_path / "bf16"
     eoforge(["pretrain", *bf16, "stop_at=2", f"run_dir={written_bf16}"], cache)
@@ -196,7 +200,8 @@ def test_a_resume_across_weight_forms_is_refused_naming_the_precision(single, ca
     args = with_precision(single[1], "bf16-autocast")
     result = eoforge(["pretrain", *args, f"run_dir={written_bf16}"], cache, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"checkpoint {newest} was written with engine.precision=bf16" in result.stderr
+    assert f"checkpoint {newest} was written in engine.precision bf16," in result.stderr
+    assert "set engine.precision to bf16 to resume it" in result.stderr
     result = eoforge(["pretrain", *bf16, f"run_dir={written_bf16}"], cache)
     assert "resuming at step 2" in result.stdout
 
