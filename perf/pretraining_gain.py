@@ -13,8 +13,9 @@ through eoforge's own command line, called in this process:
 3. ``eoforge pretrain`` on both shard sets with the fixed recipe ``RECIPE``: ``vit_test_patch8``,
    MAE with a 64-wide, 2-deep decoder (4 heads), ``norm_pix`` off, batch 8, 300 steps, lr 1e-3
    (AdamW, weight decay 0.05, betas 0.9/0.95, cosine to 0 after 5 warmup steps), ZeRO-2 in the
-   precision eoforge's ``auto`` picks (fp32 on a CPU), gradient clip 1.0, seed 0; the release is exported into
-   ``run/release``. The recipe is the measurement's definition: it is not tuned here.
+   precision eoforge's ``auto`` picks (fp32 on a CPU), gradient clip 1.0, seed 0; the release
+   is exported into ``run/release``. The recipe is the measurement's definition: it is not
+   tuned here.
 4. ``eoforge bench run`` of the suite ``pines``: Indian Pines, window 16, at most 800 training
    and 800 test pixels of the spatially blocked split, seeds 0-2, protocols ``linear`` and
    ``knn``, encoders ``release`` and ``random_init`` (the same architecture with random weights
@@ -36,9 +37,11 @@ same machine and thread count (``--threads``, default 1) gives the same numbers.
 at patch 8: 2 of 4 patches visible) or ``tile32`` (32-px tiles at ingest: 16 patches of 8 px, 4
 visible; the bench's window stays 16). With the default recipe the encoder sees one of a tile's 4
 patches, which may make the pretext task nearly trivial; the variants show how the gain behaves
-when it sees more. They are information for choosing a recipe, fixed in advance and each run
-once, not a tuning of the measurement: the criterion, suite and probe are the same, and the
-measurement itself is the run without ``--variant``.
+when it sees more. ``tile32`` also changes the data: 24 Indian Pines tiles instead of 81 (8 of
+them about half padding, the edge strips 16-px tiles drop) and 32 EnMAP tiles instead of 128,
+each with 4x the pixels. The variants are information for choosing a recipe, each run once, not
+a tuning of the measurement: the criterion, suite and probe are the same, and the measurement
+itself is the run without ``--variant``.
 
 Usage: ``python perf/pretraining_gain.py [--smoke] [--variant NAME] [--out perf/results]
 [--work DIR]``; writes pretraining_gain.json and .md into --out, or
@@ -115,7 +118,7 @@ SUITE = {
 }
 # Pre-declared recipe variants (module docstring): deep-merged overrides of RECIPE ("recipe")
 # and/or the ingest tile side ("tile"); "why" says what each changes and why, and is stored in
-# the result. The list was fixed before any variant was run.
+# the result.
 VARIANTS = {
     "patch4": {
         "why": "patch 4 instead of 8: a 16-px tile has 16 patches, so at mask 0.75 the encoder "
@@ -435,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
             "name": args.variant,
             "why": entry["why"],
             "recipe": entry.get("recipe", {}),
-            "tile": entry.get("tile", TILE),
+            "tile": configure(args.variant)[1],
         }
         name += f"_{args.variant}"
     write_results(args.out, name, result, markdown)
