@@ -461,7 +461,7 @@ class Recombine(torch.autograd.Function):
     def forward(ctx, spectral, spatial, weight):
         """spectral S [B, H, r, C+1, k], spatial P [B, H, r, N+1, j], weight W [D, H, k, j]."""
         device = spectral.device.type
-        if torch.is_autocast_enabled(device):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             # The branches arrive in autocast's dtype and W (a parameter) in fp32; backward runs
             # outside autocast, so all three are cast to its dtype here and saved that way.
             dtype = torch.get_autocast_dtype(device)
