@@ -27,7 +27,11 @@ second over the bf16 matmul peak measured in the same run. Gate (GPU): the step 
 loop runs with ``engine.compile: true`` in the default precision
 (``eoforge_zero2_compiled_guarded``) >= 1.0x ref_zero2 img/s; goals: >= 1.0x ref_plain and
 MFU >= 45%. On a CPU the ratios are reported. The JSON records every row's settings, its
-precision resolved.
+precision resolved. On a GPU it also records each row's memory: ``resident``, the tensors its
+build and warm-up leave allocated (weights, master copies, optimizer state, gradient buffers,
+its batch), and ``step_peak``, what one step allocates at its peak above everything resident
+(activations, transient gradients). The rows coexist in one process, so each is a difference
+of the allocator's count around that row.
 
 Usage: ``python perf/mae_step.py [--smoke] [--out perf/results] [--ref PATH]``; writes
 mae_step.json and .md into --out. ``--smoke`` runs the same code at tiny shapes on a CPU, with
@@ -217,11 +221,18 @@ def ref_rows(device: torch.device) -> dict[str, dict]:
 
 
 def time_rounds(
-    steps: dict[str, Callable[[], None]], cfg: dict, device, failed: dict[str, str]
+    steps: dict[str, Callable[[], None]],
+    cfg: dict,
+    device,
+    failed: dict[str, str],
+    resident: dict[str, int],
 ) -> dict[str, list[float]]:
     """Seconds per step of each model in every round, the order rotating per round; a row
-    outside ``REQUIRED`` whose warm-up raises goes into ``failed`` instead."""
+    outside ``REQUIRED`` whose warm-up raises goes into ``failed`` instead. ``resident`` (bytes
+    per row at build) gains what each row's warm-up leaves allocated (optimizer state, gradient
+    buffers)."""
     for name in list(steps):
+        before = allocated(device)
         try:
             for _ in range(cfg["warmup"]):
                 steps[name]()
@@ -230,6 +241,9 @@ def time_rounds(
                 raise
             failed[name] = f"{type(err).__name__}: {err}"
             del steps[name]
+            continue
+        sync(device)
+        resident[name] += allocated(device) - before
     names = list(steps)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(cfg["rounds"]):
@@ -241,6 +255,24 @@ def time_rounds(
             sync(device)
             seconds[name].append((time.perf_counter() - start) / cfg["steps"])
     return seconds
+
+
+def allocated(device: torch.device) -> int:
+    """Bytes in tensors on the GPU (the caching allocator's count); 0 on a CPU, not measured."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def step_peaks(steps: dict[str, Callable[[], None]], device: torch.device) -> dict[str, int]:
+    """Bytes one step of each row allocates at its peak above what is resident before it."""
+    peaks = {}
+    for name, step in steps.items():
+        sync(device)
+        base = allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) - base
+    return peaks
 
 
 def matmul_peak(device: torch.device) -> float:
@@ -283,10 +315,16 @@ def row_settings(options: dict, device: torch.device) -> dict:
 
 
 def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dict]) -> dict:
-    steps, failed = {}, {}
+    steps, failed, resident = {}, {}, {}
+
+    def build(name: str, make: Callable[[], Callable[[], None]]) -> None:
+        before = allocated(device)
+        steps[name] = make()
+        resident[name] = allocated(device) - before  # weights, master copies, batch
+
     for name, options in rows.items():
         try:
-            steps[name] = eoforge_step(cfg, device, **options)
+            build(name, lambda options=options: eoforge_step(cfg, device, **options))
         except Exception as err:
             if name in REQUIRED:
                 raise
@@ -295,13 +333,13 @@ def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dic
     if ref_cls is None:
         raise SystemExit(f"reference MAE not found at {ref_path}; pass --ref PATH/ref_mae.py")
     refs = ref_rows(device)
-    steps["ref_zero2"] = ref_zero2(cfg, device, ref_cls, refs["ref_zero2"]["precision"])
+    build("ref_zero2", lambda: ref_zero2(cfg, device, ref_cls, refs["ref_zero2"]["precision"]))
     try:
-        steps["ref_zero2_autocast"] = ref_zero2(cfg, device, ref_cls, "bf16-autocast")
+        build("ref_zero2_autocast", lambda: ref_zero2(cfg, device, ref_cls, "bf16-autocast"))
     except Exception as err:
         failed["ref_zero2_autocast"] = f"{type(err).__name__}: {err}"
-    steps["ref_plain"] = ref_plain(cfg, device, ref_cls)
-    seconds = time_rounds(steps, cfg, device, failed)
+    build("ref_plain", lambda: ref_plain(cfg, device, ref_cls))
+    seconds = time_rounds(steps, cfg, device, failed, resident)
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     result = {
         "seconds": seconds,
@@ -318,6 +356,11 @@ def measure(cfg: dict, device: torch.device, ref_path: Path, rows: dict[str, dic
         gated_s = medians.get(GATED, math.nan)
         flops = step_flops(steps["eoforge_zero2"])  # eager: the counter does not see compiled code
         peak = matmul_peak(device)
+        peaks = step_peaks(steps, device)
+        result["memory_gib"] = {
+            name: {"resident": resident[name] / 2**30, "step_peak": peaks[name] / 2**30}
+            for name in steps
+        }
         result |= {
             "gated_run": GATED,
             "ratio_to_ref_zero2": medians["ref_zero2"] / gated_s,
@@ -343,12 +386,19 @@ def markdown(result: dict) -> str:
         f"{cfg['decoder_depth']}; batch {cfg['batch']} x {cfg['bands']} bands x {cfg['img']}^2. "
         f"Median over {cfg['rounds']} rounds of {cfg['steps']} step(s), the order rotating.",
         "",
-        "| run | precision | ms / step | img/s | x ref_zero2 | x ref_plain |",
-        "|---|---|---:|---:|---:|---:|",
+        "| run | precision | ms / step | img/s | x ref_zero2 | x ref_plain | resident GiB "
+        "| step peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {name} | {m['row_settings'][name]['precision']} | {m['ms_per_step'][name]:.1f} "
             f"| {m['img_per_s'][name]:.1f} "
-            f"| {m['ratios_to_ref_zero2'][name]:.2f} | {m['ratios_to_ref_plain'][name]:.2f} |"
+            f"| {m['ratios_to_ref_zero2'][name]:.2f} | {m['ratios_to_ref_plain'][name]:.2f} | "
+            + (
+                f"{m['memory_gib'][name]['resident']:.2f} | "
+                f"{m['memory_gib'][name]['step_peak']:.2f} |"
+                if "memory_gib" in m
+                else "— | — |"
+            )
             for name in m["ms_per_step"]
         ),
         "",

@@ -42,6 +42,16 @@ def test_gpu_check_smoke_runs_the_benchmarks_on_cpu(tmp_path):
     assert precisions["eoforge_zero2_bf16"] == "bf16"
     assert precisions["ref_zero2"] == "fp32" and precisions["ref_zero2_autocast"] == "bf16-autocast"
     assert all(v > 0 for v in mae["measured"]["img_per_s"].values())
+    # Memory is measured on a GPU only; its columns render from the JSON a GPU run writes.
+    assert "memory_gib" not in mae["measured"]
+    mae["measured"]["memory_gib"] = {n: {"resident": 1.5, "step_peak": 20.25} for n in rows}
+    sys.path.insert(0, str(REPO_ROOT / "perf"))
+    try:
+        import mae_step
+    finally:
+        sys.path.pop(0)
+    table = mae_step.markdown(mae)
+    assert "| eoforge_zero2_bf16 | bf16 |" in table and "| 1.50 | 20.25 |" in table
     selective = json.loads((tmp_path / "selective_mae.json").read_text())
     assert selective["smoke"]
     assert not (REPO_ROOT / "perf" / "results" / "mae_step_smoke.json").exists()
