@@ -208,13 +208,9 @@ class DeepSpeedEngine:
         return directory / step_tag(step)
 
     def load(self, checkpoint: Checkpoint) -> dict:
-        """Load ``checkpoint`` (its pickles vetted first); returns its client state.
-
-        Raises:
-            ConfigError: where the checkpoint keeps its weights in another form than this
-                engine's precision does (``refuse_other_precision``).
-        """
-        refuse_other_precision(checkpoint, self.precision)
+        """Load ``checkpoint`` (its pickles vetted first); returns its client state. The caller
+        checks first that it was written in this engine's weight form
+        (``refuse_other_precision``): the training loop does so before it touches the run."""
         vet_pickles(checkpoint.path)
         load_dir, tag = checkpoint.path.parent, checkpoint.tag
         if self.load_universal:
@@ -260,7 +256,7 @@ def refuse_other_precision(checkpoint: Checkpoint, precision: str) -> None:
     elif weights_form(saved) == weights_form(precision):
         return
     else:
-        resumes = {"bf16": "bf16", "fp16": "fp16"}.get(saved, "fp32 or bf16-autocast")
+        resumes = saved if weights_form(saved) != "fp32" else "fp32 or bf16-autocast"
     raise ConfigError(
         f"checkpoint {checkpoint.path} was written in engine.precision {saved}, and this run's "
         f"engine.precision resolves to {precision} (auto: bf16-autocast on a GPU under ZeRO-1/2, "
