@@ -163,9 +163,12 @@ class Grid:
         )
 
 
-def find_files(root: str | Path, pattern: str | None = None) -> list[Path]:
-    """Raster files under ``root`` (recursive, sorted) with a GeoTIFF/JP2 extension, restricted
-    to those whose name or path relative to ``root`` matches the glob ``pattern`` (any case)."""
+def find_files(
+    root: str | Path, pattern: str | None = None, extensions: Sequence[str] = EXTENSIONS
+) -> list[Path]:
+    """Raster files under ``root`` (recursive, sorted) with one of ``extensions`` (GeoTIFF/JP2 by
+    default), restricted to those whose name or path relative to ``root`` matches the glob
+    ``pattern`` (any case)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"input folder {root} does not exist or is not a folder")
@@ -174,7 +177,7 @@ def find_files(root: str | Path, pattern: str | None = None) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             path = Path(folder) / name
-            if path.suffix.lower() not in EXTENSIONS:
+            if path.suffix.lower() not in extensions:
                 continue
             if pattern and not _matches(path.relative_to(root).as_posix(), pattern):
                 continue
@@ -230,6 +233,7 @@ def discover_scenes(
     *,
     bands: Sequence[str] | None = None,
     pattern: str | None = None,
+    extensions: Sequence[str] = EXTENSIONS,
 ) -> list[SceneSource]:
     """All scenes under ``root``, in a deterministic order, checked against the sensor's bands.
 
@@ -241,6 +245,7 @@ def discover_scenes(
         sensor: registry sensor (name or ``Sensor``).
         bands: band names to read (per-band files), or the bands of multi-band files in file order.
         pattern: glob on file names (or paths relative to ``root``), e.g. ``*SPECTRAL_IMAGE.TIF``.
+        extensions: file extensions read, lower case (a layout preset may read ``.jpg``).
 
     Raises:
         DataError: naming the folder, file or band at fault and what to change.
@@ -250,11 +255,11 @@ def discover_scenes(
     wanted = sensor.select(bands) if bands else None
     if wanted and len({b.name for b in wanted}) != len(wanted):
         raise DataError(f"--bands names a band twice: {', '.join(bands)}")
-    files = find_files(root, pattern)
+    files = find_files(root, pattern, extensions)
     if not files:
         where = f" matching pattern {pattern!r}" if pattern else ""
         raise DataError(
-            f"no GeoTIFF/JP2 files{where} in {root} (extensions {', '.join(EXTENSIONS)}, any case); "
+            f"no raster files{where} in {root} (extensions {', '.join(extensions)}, any case); "
             "check the folder" + (" and --pattern" if pattern else "")
         )
     groups: dict[tuple[Path, str], list[tuple[Band, Path]]] = {}
@@ -450,13 +455,22 @@ def read_scene(scene: SceneSource, *, gsd: float | None = None, grid: Grid | Non
         sensor=scene.sensor.name,
         crs=target.crs.to_string() if target.crs else "",
         transform=target.transform,
-        gsd=pixel_size_m(target.crs, target.transform, target.height),
+        gsd=_scene_gsd(scene, target),
         time=scene.time,
         source=str(scene.source),
         name=scene.name,
         nodata=float(fill) if fill is not None else None,
         files=tuple(str(m.path) for m in scene.members),
     )
+
+
+def _scene_gsd(scene: SceneSource, grid: Grid) -> float:
+    """The grid's pixel size in metres; for a file without georeference (an 8-bit rendering, a
+    JPEG), whose pixel "size" is a unit of its pixel grid, the bands' registered native GSD."""
+    native = {b.gsd for b in scene.bands}
+    if grid.crs is None and grid.transform.is_identity and len(native) == 1 and None not in native:
+        return float(native.pop())
+    return pixel_size_m(grid.crs, grid.transform, grid.height)
 
 
 def _real_dtype(name: str, member: BandFile) -> np.dtype:

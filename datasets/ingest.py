@@ -28,7 +28,13 @@ import webdataset as wds
 from tqdm import tqdm
 
 from eoforge.datasets.errors import DataError
-from eoforge.datasets.geotiff import INTEGER_DTYPES, Scene, discover_scenes, read_scene
+from eoforge.datasets.geotiff import (
+    EXTENSIONS,
+    INTEGER_DTYPES,
+    Scene,
+    discover_scenes,
+    read_scene,
+)
 from eoforge.datasets.quality import QualityFilter
 from eoforge.datasets.sensors import Sensor, band_table, get_sensor
 from eoforge.datasets.shards import (
@@ -59,6 +65,7 @@ def build_shards(
     *,
     bands: Sequence[str] | None = None,
     pattern: str | None = None,
+    extensions: Sequence[str] = EXTENSIONS,
     tile_size: int = 128,
     shard_size: int = 256,
     gsd: float | None = None,
@@ -76,6 +83,7 @@ def build_shards(
         sensor: registry sensor of every scene in ``src``.
         bands: band names to keep (per-band files), or the bands of multi-band files in file order.
         pattern: glob restricting the files considered, e.g. ``*SPECTRAL_IMAGE.TIF``.
+        extensions: file extensions read (GeoTIFF/JP2 by default).
         tile_size: side of the square tiles in pixels.
         shard_size: samples per shard.
         gsd: target pixel size in metres (default: the finest band's grid).
@@ -101,7 +109,7 @@ def build_shards(
     quality = QualityFilter(max_cloud_fraction, max_nodata_fraction)
     src, out = Path(src), Path(out)
     sensor = get_sensor(sensor) if isinstance(sensor, str) else sensor
-    scenes = discover_scenes(src, sensor, bands=bands, pattern=pattern)
+    scenes = discover_scenes(src, sensor, bands=bands, pattern=pattern, extensions=extensions)
     summary = {
         "out": str(out),
         "sensor": sensor.name,

@@ -353,6 +353,29 @@ def _rgb() -> Sensor:
     )
 
 
+def _s2_rgb8() -> Sensor:
+    # 8-bit true-colour renderings of Sentinel-2 (EuroSAT RGB): display values, not reflectance,
+    # so they get a sensor of their own and their statistics never mix with S2 reflectance bands.
+    s2 = {b.name: b for b in _sentinel2("L1C").bands}
+    bands = tuple(
+        Band(name, "S2RGB8", s2[s2_name].wavelength, s2[s2_name].bandwidth, 10.0, aliases=aliases)
+        for name, s2_name, aliases in (
+            ("R", "B04", ("red", "B04")),
+            ("G", "B03", ("green", "B03")),
+            ("B", "B02", ("blue", "B02")),
+        )
+    )
+    return Sensor(
+        name="S2RGB8",
+        family="optical",
+        bands=bands,
+        units="DN (8-bit rendering)",
+        nodata=None,
+        aliases=("sentinel2_rgb8", "eurosat_rgb"),
+        source="Sentinel-2 B04/B03/B02 rendered to 8 bit (EuroSAT RGB); centres and FWHM of S2A",
+    )
+
+
 def _build_registry() -> dict[str, Sensor]:
     sensors = [
         _sentinel2("L1C"),
@@ -364,6 +387,7 @@ def _build_registry() -> dict[str, Sensor]:
         _enmap(),
         _aviris_indian_pines(),
         _rgb(),
+        _s2_rgb8(),
     ]
     return {s.name: s for s in sensors}
 

@@ -8,9 +8,16 @@ A suite (YAML)::
     datasets:
       - {name: indian_pines, root: ../shared/data/indian_pines_aviris,
          options: {window: 8, max_train: 600, max_test: 600}}
+      - {id: eurosat_rgb_10, name: eurosat, root: ../shared/data/eurosat_rgb,
+         options: {labels_per_class: 10}, encoders: [release, random_init]}
     protocols: [linear, knn]          # frozen probes; also finetune, segmentation, change
     encoders: [release, random_init, supervised]
     training: {epochs: 10, batch_size: 16}   # trained protocols and the supervised baseline
+
+Each dataset entry is keyed by its ``id`` (default: its name; two entries without distinct ids
+are an error, so two folders never merge into one row); an entry's ``encoders`` may name a
+subset of the suite's, and its ``training`` overrides the suite's for that entry (the supervised
+baseline's recipe can then follow the entry's label count). Every cell records the entry's name, root and options.
 
 Encoders: the release; its architecture with random weights (``random_init``: under frozen
 probes it shows what pretraining adds, under trained protocols it is training from scratch);
@@ -30,7 +37,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import product
 from pathlib import Path
 
 import torch
@@ -103,11 +109,64 @@ def load_suite(path: str | Path) -> Suite:
         for name in names:
             if name not in allowed:
                 raise DataError(f"{path}: unknown {kind} {name!r}; known: {', '.join(allowed)}")
+    check_entries(suite, path)
+    return suite
+
+
+ENTRY_KEYS = {"id", "name", "root", "options", "encoders", "training"}
+
+
+def check_entries(suite: Suite, where: str | Path) -> None:
+    """Each dataset entry: known keys, a known dataset, encoders of the suite, a unique id.
+
+    Raises:
+        DataError: naming ``where``, the entry and the key at fault.
+    """
+    seen: dict[str, int] = {}
     for i, entry in enumerate(suite.datasets):
         if not isinstance(entry, dict) or not {"name", "root"} <= set(entry):
-            raise DataError(f"{path}: datasets[{i}] needs name and root, got {entry!r}")
+            raise DataError(f"{where}: datasets[{i}] needs name and root, got {entry!r}")
+        unknown = sorted(set(entry) - ENTRY_KEYS)
+        if unknown:
+            raise DataError(
+                f"{where}: datasets[{i}] has unknown key(s) {unknown}; {sorted(ENTRY_KEYS)}"
+            )
         parse_dataset(f"{entry['name']}:{entry['root']}")  # an unknown name fails here
-    return suite
+        extra = sorted(set(entry.get("encoders", [])) - set(suite.encoders))
+        if extra:
+            raise DataError(
+                f"{where}: datasets[{i}] names encoder(s) {extra} the suite does not run "
+                f"({suite.encoders})"
+            )
+        key = entry_id(entry)
+        if key in seen:
+            raise DataError(
+                f"{where}: datasets[{seen[key]}] and datasets[{i}] are both {key!r}; give each "
+                "an id of its own"
+            )
+        seen[key] = i
+
+
+def entry_id(entry: dict) -> str:
+    """The key of a dataset entry in cells and rows: its ``id``, else its dataset name."""
+    return str(entry.get("id", entry["name"]))
+
+
+def entry_encoders(suite: Suite, entry: dict) -> list[str]:
+    """The encoders scored on an entry, in the suite's order."""
+    wanted = entry.get("encoders", suite.encoders)
+    return [e for e in suite.encoders if e in wanted]
+
+
+def planned_cells(suite: Suite) -> list[tuple[dict, int, str, str]]:
+    """(entry, seed, encoder, protocol) of every cell, grouped by (entry, seed, encoder)."""
+    return [
+        (entry, seed, encoder, protocol)
+        for entry in suite.datasets
+        for seed in suite.seeds
+        for encoder in entry_encoders(suite, entry)
+        for protocol in suite.protocols
+    ]
 
 
 def cell_key(dataset: str, protocol: str, encoder: str, seed: int) -> str:
@@ -128,13 +187,12 @@ def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: b
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_entries(suite, suite.name)
     done = read_cells(out / CELLS)
     todo = [
         (entry, seed, encoder, protocol)
-        for entry, seed, encoder, protocol in product(
-            suite.datasets, suite.seeds, suite.encoders, suite.protocols
-        )
-        if cell_key(entry["name"], protocol, encoder, seed) not in done
+        for entry, seed, encoder, protocol in planned_cells(suite)
+        if cell_key(entry_id(entry), protocol, encoder, seed) not in done
     ]
     with tqdm(
         total=len(todo), desc=f"bench {suite.name}", unit="cell", disable=not progress
@@ -143,22 +201,23 @@ def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: b
         # extraction serve every protocol of the group.
         group, prepared = None, None
         for entry, seed, encoder, protocol in todo:
-            if group != (entry["name"], seed, encoder):
-                group = (entry["name"], seed, encoder)
-                prepared = prepare_split(entry, seed, encoder, release, suite.training)
+            if group != (entry_id(entry), seed, encoder):
+                group = (entry_id(entry), seed, encoder)
+                training = suite.training | entry.get("training", {})
+                prepared = prepare_split(entry, seed, encoder, release, training)
             cell = score(prepared, protocol, seed) | {
-                "dataset": entry["name"],
+                "dataset": entry_id(entry),
+                "dataset_name": entry["name"],
+                "root": str(entry["root"]),
+                "options": entry.get("options", {}),
                 "protocol": protocol,
                 "encoder": encoder,
                 "seed": seed,
             }
             append_cell(out / CELLS, cell)
-            done[cell_key(entry["name"], protocol, encoder, seed)] = cell
+            done[cell_key(entry_id(entry), protocol, encoder, seed)] = cell
             bar.update()
-    cells = [
-        done[cell_key(e["name"], p, enc, s)]
-        for e, s, enc, p in product(suite.datasets, suite.seeds, suite.encoders, suite.protocols)
-    ]
+    cells = [done[cell_key(entry_id(e), p, enc, s)] for e, s, enc, p in planned_cells(suite)]
     results = {
         "suite": asdict(suite),
         "release": str(Path(release).resolve()),

@@ -19,7 +19,9 @@ EXAMPLES = {
 co-registered sensors / time series (one sample per footprint, see --layout):
   eoforge data build ~/SSL4EO-S12 shards/s2s1 --sensor S2L2A --pair S1GRD --layout ssl4eo --time-window-days 15
   eoforge data build ~/BigEarthNet shards/ben --sensor S2L2A --pair S1GRD --layout bigearthnet
-  eoforge data build ~/SSL4EO-S12 shards/seasons --sensor S2L2A --layout ssl4eo --series""",
+  eoforge data build ~/SSL4EO-S12 shards/seasons --sensor S2L2A --layout ssl4eo --series
+EuroSAT class folders (MS: S2L1C with B8A stored last; RGB JPEGs: S2RGB8), one sample per image:
+  eoforge data build ~/EuroSAT_MS shards/eurosat_ms --layout eurosat""",
     "data stats": "example:\n  eoforge data stats shards/s2      # writes shards/s2/stats.json",
     "data verify": "example:\n  eoforge data verify shards/s2",
     "pretrain": """examples:
@@ -124,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("out", help="shard folder to create")
     build.add_argument(
         "--sensor",
-        required=True,
-        help="registry sensor, e.g. S2L2A, S2L1C, S1GRD, LANDSAT89, ENMAP",
+        help="registry sensor, e.g. S2L2A, S2L1C, S1GRD, LANDSAT89, ENMAP (required unless "
+        "--layout eurosat declares it)",
     )
     build.add_argument(
         "--bands", nargs="+", help="band names to keep, in file order for multi-band files"
@@ -135,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variable", help="data variable of a datacube (default: the one with a band dimension)"
     )
     build.add_argument(
-        "--tile-size", type=int, default=128, help="tile side in pixels (default 128)"
+        "--tile-size",
+        type=int,
+        help="tile side in pixels (default 128; --layout eurosat: 64, one tile per image)",
     )
     build.add_argument(
         "--shard-size", type=int, default=256, help="samples per shard (default 256)"
@@ -177,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="partner sensors reprojected onto the reference's grid, e.g. S1GRD",
     )
     paired.add_argument(
-        "--layout", choices=["ssl4eo", "bigearthnet"], help="how SRC names sensors and footprints"
+        "--layout",
+        choices=["ssl4eo", "bigearthnet", "eurosat"],
+        help="how SRC names sensors and footprints; eurosat: EuroSAT MS (S2L1C, B8A stored "
+        "last) or RGB JPEGs (S2RGB8) class folders, one sample per image, no --pair/--series",
     )
     paired.add_argument(
         "--time-window-days",
@@ -358,6 +365,10 @@ def _data_build(args) -> int:
 
     if is_cube_source(args.src):
         return _data_build_cube(args)
+    if args.layout == "eurosat":
+        return _data_build_eurosat(args)
+    if not args.sensor:
+        raise DataError("data build needs --sensor (or --layout eurosat, which declares it)")
     if args.variable:
         raise DataError(f"--variable applies to Zarr/NetCDF datacubes, and {args.src} holds none")
     grouped = bool(args.pair or args.series)
@@ -377,7 +388,7 @@ def _data_build(args) -> int:
             time_window_days=args.time_window_days,
             series=args.series,
             lone_partners=not args.drop_lone_partners,
-            tile_size=args.tile_size,
+            tile_size=args.tile_size or 128,
             shard_size=args.shard_size,
             gsd=args.gsd,
             max_cloud_fraction=args.max_cloud_fraction,
@@ -396,7 +407,7 @@ def _data_build(args) -> int:
         args.sensor,
         bands=args.bands,
         pattern=args.pattern,
-        tile_size=args.tile_size,
+        tile_size=args.tile_size or 128,
         shard_size=args.shard_size,
         gsd=args.gsd,
         max_cloud_fraction=args.max_cloud_fraction,
@@ -405,6 +416,47 @@ def _data_build(args) -> int:
     )
     print(json.dumps(summary, indent=2, default=str))
     _print_quality(summary)
+    print(f"next: eoforge data stats {args.out}")
+    return 0
+
+
+def _data_build_eurosat(args) -> int:
+    from eoforge.datasets.errors import DataError
+    from eoforge.datasets.eurosat import FORMS, build_eurosat_shards
+
+    given = {
+        "--pair": args.pair,
+        "--series": args.series,
+        "--bands": args.bands,
+        "--pattern": args.pattern,
+        "--gsd": args.gsd,
+        "--variable": args.variable,
+        "--time-window-days": args.time_window_days,
+        "--max-cloud-fraction": args.max_cloud_fraction,
+    }
+    unused = [name for name, value in given.items() if value not in (None, False)]
+    if unused:
+        raise DataError(
+            f"--layout eurosat declares the bands and reads every image; drop {', '.join(unused)}"
+        )
+    form = None
+    if args.sensor:
+        by_sensor = {f.sensor.upper(): name for name, f in FORMS.items()}
+        form = by_sensor.get(args.sensor.upper())
+        if form is None:
+            raise DataError(
+                f"--sensor {args.sensor}: EuroSAT images are {' or '.join(by_sensor)}; "
+                "drop --sensor to tell the form by the files"
+            )
+    summary = build_eurosat_shards(
+        args.src,
+        args.out,
+        form=form,
+        tile_size=args.tile_size or 64,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, indent=2, default=str))
     print(f"next: eoforge data stats {args.out}")
     return 0
 
@@ -445,7 +497,7 @@ def _data_build_cube(args) -> int:
         args.sensor,
         variable=args.variable,
         bands=args.bands,
-        tile_size=args.tile_size,
+        tile_size=args.tile_size or 128,
         shard_size=args.shard_size,
         max_nodata_fraction=args.max_nodata_fraction,
         overwrite=args.overwrite,

@@ -30,6 +30,7 @@ OBJECTIVES = {
     "croma": "eoforge.pretrain.croma:CROMA",
     "seasonal_contrast": "eoforge.pretrain.seasonal:SeasonalContrast",
     "mixup_mae": "eoforge.pretrain.mixup:MixupMAE",
+    "instance_contrast": "eoforge.pretrain.instance_contrast:InstanceContrast",
 }
 
 

@@ -90,7 +90,7 @@ class Augmentation:
         return out + self.shift.to(images.dtype)[:, None, None, None]
 
 
-class _Unregistered:
+class Unregistered:
     """Holds a module outside its owner: not in ``parameters()``, ``state_dict()``, ``.to()``
     or dtype casts (the owner saves it through its extra state instead)."""
 
@@ -164,7 +164,7 @@ class SeasonalContrast(nn.Module):
         )
         self.queues = nn.ModuleList(KeyQueue(queue_size, proj_dim) for _ in HEADS)
         key = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "heads": copy.deepcopy(self.heads)})
-        self._key = _Unregistered(key.requires_grad_(False).float().eval())
+        self._key = Unregistered(key.requires_grad_(False).float().eval())
 
     @property
     def key_model(self) -> nn.ModuleDict:

@@ -241,3 +241,52 @@ def test_the_table_counts_linear_cells_whose_rate_sits_at_the_grid_edge():
     assert "In 2 of 3 linear-probe cells the selected learning rate" in bench.markdown(results)
     results["cells"] = [cell("linear", False), cell("knn", False)]
     assert "linear-probe cells" not in bench.markdown(results)
+
+
+def test_entries_are_keyed_by_id_and_never_merge(sample_data, release, tmp_path):
+    """Two entries of one dataset (EuroSAT MS at 10 and 20 labels per class) keep rows of their
+    own; an entry's encoders and training options apply to it alone; cells record each entry."""
+    root = sample_data / "eurosat_ms_subset"
+    suite = bench.Suite(
+        name="ids",
+        seeds=[0, 1, 2],
+        datasets=[
+            {"id": "ms_5", "name": "eurosat", "root": str(root), "options": {"labels_per_class": 5},
+             "encoders": ["release"]},
+            {"id": "ms_6", "name": "eurosat", "root": str(root), "options": {"labels_per_class": 6}},
+        ],
+        protocols=["knn"],
+        encoders=["release", "random_init"],
+    )  # fmt: skip
+    results = bench.run_suite(suite, release, tmp_path / "out", progress=False)
+    cells = {(c["dataset"], c["encoder"], c["seed"]): c for c in results["cells"]}
+    assert len(cells) == 3 + 6  # ms_5: the release only; ms_6: both encoders
+    assert {c["n_train"] for k, c in cells.items() if k[0] == "ms_5"} == {50}
+    assert {c["n_train"] for k, c in cells.items() if k[0] == "ms_6"} == {60}
+    assert cells["ms_5", "release", 0]["options"] == {"labels_per_class": 5}
+    assert cells["ms_5", "release", 0]["root"] == str(root)
+    rows = {(r["dataset"], r["encoder"], r["metric"]) for r in results["rows"]}
+    assert ("ms_6", "release - random_init", "accuracy") in rows
+    assert ("ms_5", "release - random_init", "accuracy") not in rows
+    # The same test scenes for every seed and both label counts: only the label draws move.
+    assert len({c["split_hash"] for c in results["cells"]}) == 6  # 2 entries x 3 label draws
+
+
+def test_two_entries_of_one_name_need_ids(sample_data, tmp_path):
+    root = sample_data / "eurosat_ms_subset"
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "name: twice\nseeds: [0, 1, 2]\ndatasets:\n"
+        f"  - {{name: eurosat, root: {root}}}\n"
+        f"  - {{name: eurosat, root: {root}, options: {{form: ms}}}}\n"
+    )
+    with pytest.raises(
+        bench.DataError, match=r"datasets\[0\] and datasets\[1\] are both 'eurosat'"
+    ):
+        bench.load_suite(path)
+    path.write_text(
+        "name: odd\nseeds: [0, 1, 2]\nencoders: [release]\ndatasets:\n"
+        f"  - {{name: eurosat, root: {root}, encoders: [supervised]}}\n"
+    )
+    with pytest.raises(bench.DataError, match=r"names encoder\(s\) \['supervised'\] the suite"):
+        bench.load_suite(path)

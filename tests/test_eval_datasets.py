@@ -45,9 +45,14 @@ def change_root(sample_data):
     return sample_data / "landsat_tm_change_detection_taizhou_nanjing"
 
 
+# The 4-image sample folder holds both forms; half of EuroSAT's scenes in test (split seed 0)
+# leaves 2 of its MS images for training and 2 for testing.
+SAMPLE_SPLIT = {"form": "ms", "test_fraction": 0.5, "val_fraction": 0.0}
+
+
 @pytest.fixture(scope="module")
 def eurosat(eurosat_root):
-    return load_eurosat(eurosat_root, seed=0)
+    return load_eurosat(eurosat_root, seed=0, **SAMPLE_SPLIT)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def taizhou(change_root):
 def test_registry_loads_through_one_mapping(sample_data, eurosat_root, eurosat):
     names = {"indian_pines", "eurosat", "bigearthnet", "change_pairs", "folder_csv", "torchgeo"}
     assert names <= set(EVAL_DATASETS)
-    assert EVAL_DATASETS["eurosat"](eurosat_root, seed=0).split_hash == eurosat.split_hash
+    assert EVAL_DATASETS["eurosat"](eurosat_root, **SAMPLE_SPLIT).split_hash == eurosat.split_hash
     pines = EVAL_DATASETS["indian_pines"](
         sample_data / "indian_pines_aviris", max_train=20, max_test=10
     )
@@ -68,7 +73,7 @@ def test_registry_loads_through_one_mapping(sample_data, eurosat_root, eurosat):
 
 def test_eurosat_shapes_labels_and_b8a_last(eurosat, eurosat_root):
     assert isinstance(eurosat, LabelledSplit) and eurosat.task == "classification"
-    assert eurosat.x_train.shape == (3, 13, 64, 64) and eurosat.x_test.shape == (1, 13, 64, 64)
+    assert eurosat.x_train.shape == (2, 13, 64, 64) and eurosat.x_test.shape == (2, 13, 64, 64)
     assert eurosat.x_train.dtype == np.float32 and eurosat.y_train.dtype == np.int64
     assert eurosat.class_names == ["AnnualCrop", "Highway", "Pasture", "SeaLake"]
     assert eurosat.band_ids == [f"S2L1C:{b}" for b in FILE_BANDS]
@@ -88,16 +93,20 @@ def test_eurosat_shapes_labels_and_b8a_last(eurosat, eurosat_root):
 
 
 def test_eurosat_split_determinism_and_train_only_stats(eurosat, eurosat_root, tmp_path):
-    assert load_eurosat(eurosat_root, seed=0).split_hash == eurosat.split_hash
-    hashes = {load_eurosat(eurosat_root, seed=s).split_hash for s in range(4)}
-    assert len(hashes) > 1  # other seeds put another image in test
+    # The seed draws labels, never the split; the split seed moves scenes between splits.
+    hashes = {load_eurosat(eurosat_root, seed=s, **SAMPLE_SPLIT).split_hash for s in range(4)}
+    assert hashes == {eurosat.split_hash}
+    moved = {
+        tuple(load_eurosat(eurosat_root, split_seed=s, **SAMPLE_SPLIT).test_ids) for s in (0, 1, 3)
+    }
+    assert len(moved) > 1
     assert not set(eurosat.train_ids) & set(eurosat.test_ids)
     # Overwriting the test image's pixels leaves the statistics and the train images unchanged.
     shutil.copytree(eurosat_root / "EuroSAT_MS", tmp_path / "EuroSAT_MS")
     test_file = tmp_path / "EuroSAT_MS" / eurosat.test_ids[0]
     with rasterio.open(test_file, "r+") as ds:
         ds.write(ds.read() * 3)
-    moved = load_eurosat(tmp_path, seed=0)
+    moved = load_eurosat(tmp_path, seed=0, **SAMPLE_SPLIT)
     assert moved.split_hash == eurosat.split_hash and moved.stats == eurosat.stats
     np.testing.assert_array_equal(moved.x_train, eurosat.x_train)
     assert not np.array_equal(moved.x_test, eurosat.x_test)
@@ -249,13 +258,19 @@ def test_folder_csv_classification_on_eurosat_files(eurosat_root, eurosat, tmp_p
     folder = eurosat_root / "EuroSAT_MS"
     files = sorted(folder.glob("*/*.tif"))
     table = tmp_path / "labels.csv"
-    _write_csv(table, ["path", "label"], [[str(p), p.parent.name] for p in files])
-    split = load_folder_csv(folder, sensor="S2L1C", csv_file=table, bands=list(FILE_BANDS), seed=0)
-    # Same files, same band mapping, same stratified rule: the EuroSAT adapter's split exactly.
+    test_ids = set(eurosat.test_ids)
+    rows = [
+        [str(p), p.parent.name, "test" if p.relative_to(folder).as_posix() in test_ids else "train"]
+        for p in files
+    ]
+    _write_csv(table, ["path", "label", "split"], rows)
+    split = load_folder_csv(folder, sensor="S2L1C", csv_file=table, bands=list(FILE_BANDS))
+    # Same files, same band mapping, the EuroSAT adapter's split: the same arrays.
     assert split.task == "classification" and split.class_names == eurosat.class_names
-    assert split.band_ids == eurosat.band_ids and split.split_hash == eurosat.split_hash
+    assert split.band_ids == eurosat.band_ids
     np.testing.assert_array_equal(split.x_train, eurosat.x_train)
     np.testing.assert_array_equal(split.y_test, eurosat.y_test)
+    _write_csv(table, ["path", "label"], [[str(p), p.parent.name] for p in files])
     with pytest.raises(DataError, match=r"AnnualCrop_1\.tif.*'B13'"):
         load_folder_csv(folder, sensor="S2L1C", csv_file=table, bands=[*FILE_BANDS[:12], "B13"])
     with pytest.raises(DataError, match=r"AnnualCrop_1\.tif has 13 bands"):

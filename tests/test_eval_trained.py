@@ -52,7 +52,7 @@ def evaluate(protocol, release, dataset, tmp_path, *options, frozen=False) -> di
 def test_finetune_classification_on_eurosat(sample_data, release, tmp_path):
     result = evaluate(
         "finetune", release, f"eurosat:{sample_data / EUROSAT}", tmp_path, "epochs=2",
-        "batch_size=2",
+        "batch_size=2", "form=ms", "test_fraction=0.5", "val_fraction=0.0",
     )  # fmt: skip
     assert result["protocol"] == "finetune" and not result["frozen"]
     assert 0.0 <= result["accuracy"] <= 1.0 and np.isfinite(result["final_train_loss"])
@@ -89,7 +89,7 @@ def test_change_detection_on_taizhou(sample_data, release, tmp_path):
 
 def test_a_protocol_refuses_a_dataset_of_another_task(sample_data, release, tmp_path, capsys):
     argv = ["eval", "segmentation", "--release", str(release)]
-    assert main([*argv, "--dataset", f"eurosat:{sample_data / EUROSAT}"]) == 2
+    assert main([*argv, "--dataset", f"eurosat:{sample_data / 'eurosat_ms_subset'}"]) == 2
     assert "is a classification dataset; segmentation needs segmentation" in capsys.readouterr().err
 
 

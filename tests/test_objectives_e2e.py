@@ -103,6 +103,7 @@ CASES = {
         "vit_test_patch8",
         ["objective.kwargs.decoder_dim=32", "objective.kwargs.decoder_depth=1"],
     ),
+    "instance_contrast": ("s2", "vit_test_patch8", ["objective.kwargs.queue_size=16"]),
     "seasonal_contrast": (
         "seasons",
         "vit_test_patch8",

@@ -1,0 +1,194 @@
+"""Instance contrast: MoCo-v2 (Chen et al. 2020, arXiv:2003.04297) on two augmented views of one
+single-date image.
+
+Per sample, two independent random augmentations ``t_q`` and ``t_k`` (SeCo's resized crop, flips
+and brightness shift, plus the band jitter below) give a query ``q = f_q(t_q(x))`` and a key
+``k = f_k(t_k(x))``; ``f_k`` is a momentum (EMA) copy of the encoder and projection head. The loss
+is MoCo's InfoNCE, ``-log exp(q.k / tau) / (exp(q.k / tau) + sum_n exp(q.n / tau))``, with the
+negatives ``n`` from a queue of past keys gathered from every rank. It teaches the encoder what
+stays the same under the augmentations (the scene), which suits frozen-feature probes.
+
+Band jitter, defined for any band set: each band of each view is scaled by a gain drawn uniformly
+in ``1 +- band_jitter`` (on normalised values, so the band's contrast changes, MoCo's colour jitter
+generalised beyond RGB), and with probability ``p_mean_bands`` every band is replaced by the mean
+over bands (MoCo's random grayscale). SeCo (``seasonal_contrast``) contrasts seasons of one place
+and needs a time series; this objective needs only single-date shards.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eoforge.launch.distributed import gather_with_grad
+from eoforge.models.vit import SpectralViT
+from eoforge.pretrain.contrastive import KeyQueue, info_nce, pool
+from eoforge.pretrain.seasonal import Augmentation, Unregistered
+from eoforge.pretrain.views import present_mask, sensor_views
+
+
+def jitter_bands(images: torch.Tensor, gain: float, p_mean: float) -> torch.Tensor:
+    """[B, C, H, W] -> per-sample, per-band gains in ``1 +- gain``, then the band mean in place of
+    every band for a share ``p_mean`` of the samples."""
+    b, c = images.shape[:2]
+    scale = 1 + (2 * torch.rand(b, c, 1, 1, device=images.device) - 1) * gain  # [B, C, 1, 1]
+    out = images * scale.to(images.dtype)
+    grey = torch.rand(b, 1, 1, 1, device=images.device) < p_mean  # [B, 1, 1, 1]
+    return torch.where(grey, out.mean(dim=1, keepdim=True).expand_as(out), out)
+
+
+class InstanceContrast(nn.Module):
+    """MoCo-v2 over the shared encoder (module docstring).
+
+    Every single-date view of the batch is contrasted on its own (one sensor per micro-batch is
+    the reader's default); samples whose ``present`` is False count in no loss and enter no queue.
+    The momentum copy is held as SeCo holds it (``seasonal.SeasonalContrast``): outside the module
+    tree, in float32, saved through the module's extra state; ZeRO-3 is refused.
+
+    Args:
+        encoder: a SpectralViT (any tokenizer).
+        proj_dim: width of the embedding (MoCo-v2: 128).
+        queue_size: keys kept (MoCo: 65536; a small data set needs fewer, or the queue holds
+            stale keys of the same images).
+        temperature: tau of the InfoNCE (MoCo-v2: 0.2).
+        momentum: EMA coefficient of the key encoder (MoCo: 0.999; short runs: 0.99).
+        min_crop_scale: smallest crop area, as a fraction of the image.
+        brightness: largest brightness shift, in normalised units.
+        band_jitter: largest relative change of a band's gain.
+        p_mean_bands: probability of replacing every band by the band mean.
+    """
+
+    name = "instance_contrast"
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        proj_dim: int = 128,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+        min_crop_scale: float = 0.2,
+        brightness: float = 0.4,
+        band_jitter: float = 0.4,
+        p_mean_bands: float = 0.2,
+    ):
+        super().__init__()
+        if not isinstance(encoder, SpectralViT):
+            raise ValueError(
+                "instance_contrast pools patch tokens [B, N, D]; build a ViT encoder (vit_*)"
+            )
+        for option, value, ok in (
+            ("proj_dim", proj_dim, proj_dim >= 1),
+            ("queue_size", queue_size, queue_size >= 1),
+            ("temperature", temperature, temperature > 0),
+            ("momentum", momentum, 0 <= momentum < 1),
+            ("min_crop_scale", min_crop_scale, 0 < min_crop_scale <= 1),
+            ("brightness", brightness, brightness >= 0),
+            ("band_jitter", band_jitter, 0 <= band_jitter < 1),
+            ("p_mean_bands", p_mean_bands, 0 <= p_mean_bands <= 1),
+        ):
+            if not ok:
+                raise ValueError(f"{option}={value}: out of range (see InstanceContrast)")
+        self.encoder = encoder
+        self.temperature = temperature
+        self.momentum = momentum
+        self.min_crop_scale = min_crop_scale
+        self.brightness = brightness
+        self.band_jitter = band_jitter
+        self.p_mean_bands = p_mean_bands
+        dim = encoder.embed_dim
+        # MoCo-v2 head: Linear -> ReLU -> Linear.
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
+        self.queue = KeyQueue(queue_size, proj_dim)
+        key = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)})
+        self._key = Unregistered(key.requires_grad_(False).float().eval())
+
+    @property
+    def key_model(self) -> nn.ModuleDict:
+        """The momentum copy {"encoder", "head"} (not a submodule)."""
+        return self._key.module
+
+    def get_extra_state(self) -> dict:
+        return {"key_model": self.key_model.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.key_model.load_state_dict(state["key_model"])
+
+    def forward(self, batch: dict, preview: bool = False) -> dict:
+        """{"loss", "positive_cosine"} over the batch's single-date views; ``preview`` returns
+        ``{}`` (nothing to reconstruct)."""
+        if preview:
+            return {}
+        views = [(s, v) for s, v in sensor_views(batch) if v["image"].dim() == 4]
+        if not views:
+            raise ValueError(
+                f"instance_contrast contrasts single-date images [B, C, H, W]; the views of "
+                f"{[s for s, _ in sensor_views(batch)]} are time series (seasonal_contrast)"
+            )
+        if self.training:
+            self._momentum_update()
+        losses, cosines = zip(*(self.view_loss(view) for _, view in views), strict=True)
+        return {
+            "loss": torch.stack(losses).mean(),
+            "positive_cosine": torch.stack(cosines).mean().detach(),
+        }
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """One random view [B, C, H, W] of each image."""
+        crop = Augmentation.draw(
+            images.shape[0], images.device, self.min_crop_scale, self.brightness
+        )
+        return jitter_bands(crop(images), self.band_jitter, self.p_mean_bands)
+
+    def view_loss(self, view: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(InfoNCE, mean query-key cosine) of one view."""
+        images = view["image"]  # [B, C, H, W]
+        present = present_mask(view)
+        z_q = F.normalize(
+            self.head(pool(self._encode(self.encoder, self.augment(images), view))), dim=-1
+        )
+        with torch.no_grad():
+            key = self._key_on(images.device)
+            z_k = F.normalize(
+                key["head"](pool(self._encode(key["encoder"], self.augment(images), view))), dim=-1
+            )
+        # A copy: the queue is overwritten below, before the backward pass reads the negatives.
+        negatives = self.queue.keys.clone()  # [Q, E]
+        loss = info_nce(z_q, z_k, negatives, self.temperature, present.float())
+        if self.training:
+            self._enqueue(z_k, present)
+        return loss, (z_q.detach().float() * z_k.float()).sum(-1).mean()
+
+    def _encode(self, encoder, images: torch.Tensor, view: dict) -> torch.Tensor:
+        """Encoder features [B, 1 + N, D] of augmented images [B, C, H, W]."""
+        tokens = encoder.tokenize(images, view["band_ids"], view["wavelengths"], view.get("gsd"))
+        return encoder.encode(tokens)
+
+    def _key_on(self, device) -> nn.ModuleDict:
+        """The key model, moved to ``device`` the first time it is needed there."""
+        key = self.key_model
+        if next(key.parameters()).device != torch.device(device):
+            key.to(device)
+        return key
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        """k <- m k + (1 - m) q over encoder and head, in the key model's float32."""
+        query = [*self.encoder.parameters(), *self.head.parameters()]
+        if hasattr(query[0], "ds_id"):
+            raise ValueError(
+                "instance_contrast's momentum encoder reads whole parameters, which ZeRO-3 "
+                "partitions; use engine.zero_stage=1 or 2"
+            )
+        key = self._key_on(query[0].device)
+        for k, q in zip(key.parameters(), query, strict=True):
+            k.lerp_(q.detach().to(k.dtype), 1 - self.momentum)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor, present: torch.Tensor) -> None:
+        """Every rank's keys of present samples enter the queue (the same on every rank)."""
+        everywhere = gather_with_grad(present.float()) > 0  # [world * B]
+        self.queue.enqueue(gather_with_grad(keys)[everywhere])
