@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ from eoforge.finetune.evaluate import (
     parse_dataset,
     train_and_score,
 )
-from eoforge.finetune.features import extract_features
+from eoforge.finetune.features import extract_features, resolve_device
 from eoforge.finetune.knn import knn_probe
 from eoforge.finetune.linear import linear_probe
 from eoforge.finetune.metrics import mean_ci95
@@ -173,13 +174,21 @@ def cell_key(dataset: str, protocol: str, encoder: str, seed: int) -> str:
     return f"{dataset}|{protocol}|{encoder}|{seed}"
 
 
-def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: bool = True) -> dict:
+def run_suite(
+    suite: Suite,
+    release: str | Path,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Run every cell of ``suite`` not yet in ``out/cells.jsonl``, then write the results.
 
     Args:
         suite: from ``load_suite``.
         release: release folder scored (and whose architecture the baselines use).
         out: output folder (created).
+        device: where encoders run (``features.resolve_device``: default CUDA when present).
         progress: a progress bar over the cells.
 
     Returns:
@@ -188,6 +197,7 @@ def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: b
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_entries(suite, suite.name)
+    where = resolve_device(device)
     done = read_cells(out / CELLS)
     todo = [
         (entry, seed, encoder, protocol)
@@ -204,7 +214,7 @@ def run_suite(suite: Suite, release: str | Path, out: str | Path, *, progress: b
             if group != (entry_id(entry), seed, encoder):
                 group = (entry_id(entry), seed, encoder)
                 training = suite.training | entry.get("training", {})
-                prepared = prepare_split(entry, seed, encoder, release, training)
+                prepared = prepare_split(entry, seed, encoder, release, training, where)
             cell = score(prepared, protocol, seed) | {
                 "dataset": entry_id(entry),
                 "dataset_name": entry["name"],
@@ -238,19 +248,28 @@ class PreparedSplit:
     band_policy: str
     training: dict  # the suite's training options (trained protocols, the supervised baseline)
     features: tuple[torch.Tensor, torch.Tensor] | None = None  # frozen [N, D], [M, D]; lazy
+    feature_images_per_s: float | None = None
 
     def frozen_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.features is None:
             ids = (self.loaded.band_ids, self.loaded.wavelengths)
+            start = time.perf_counter()
             self.features = tuple(
                 extract_features(self.model, x, *ids, progress=False)
                 for x in (self.data.x_train, self.data.x_test)
             )
+            n_images = len(self.data.x_train) + len(self.data.x_test)
+            self.feature_images_per_s = round(n_images / (time.perf_counter() - start), 1)
         return self.features
 
 
 def prepare_split(
-    entry: dict, seed: int, encoder: str, release: str | Path, training: dict
+    entry: dict,
+    seed: int,
+    encoder: str,
+    release: str | Path,
+    training: dict,
+    device: torch.device | None = None,
 ) -> PreparedSplit:
     """Cut the dataset's split for ``seed`` and build the row's encoder: ``release``; or its
     architecture with random weights drawn from ``seed`` (``random_init``: frozen probes then
@@ -263,6 +282,7 @@ def prepare_split(
         config = json.loads((Path(release) / "config.json").read_text())
         torch.manual_seed(seed)
         model = create_model(config["architecture"], **config["kwargs"]).eval()
+    model.to(device or torch.device("cpu"))
     if encoder == "supervised":
         if data.task not in ("classification", "multilabel"):
             raise DataError(
@@ -294,6 +314,8 @@ def score(split: PreparedSplit, protocol: str, seed: int) -> dict:
     if data.task not in ("classification", "multilabel"):
         raise DataError(f"{protocol} scores image labels, not {data.task}")
     train, test = split.frozen_features()
+    common["feature_images_per_s"] = split.feature_images_per_s
+    common["device"] = str(next(split.model.parameters()).device)
     y_train, y_test = torch.as_tensor(data.y_train), torch.as_tensor(data.y_test)
     n_classes = len(data.class_names)
     if protocol == "linear":

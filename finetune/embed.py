@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.sensors import get_band, get_sensor
+from eoforge.finetune.features import autocast_on, resolve_device
 from eoforge.models import load_release, verify_release
 from eoforge.models.release import Release
 
@@ -179,6 +180,7 @@ def embed_geotiff(
     window: int | None = None,
     tile: int | None = None,
     batch_size: int = 16,
+    device: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Write a GeoTIFF of per-patch embeddings of ``src``.
@@ -194,6 +196,8 @@ def embed_geotiff(
         tile: side in pixels of each windowed read (a multiple of ``window``; default
             8 windows); it does not change the result.
         batch_size: crops per forward pass.
+        device: where the encoder runs (``features.resolve_device``: default CUDA when present;
+            bf16 autocast on CUDA, fp32 on the CPU).
         progress: show a tqdm bar over tiles.
 
     Returns:
@@ -218,6 +222,7 @@ def embed_geotiff(
             raise DataError(f"{src}: a band id appears twice among {file_bands}")
         loaded = _release(release, card, file_bands, src)
         encoder, p = loaded.encoder.eval(), loaded.encoder.patch_size
+        encoder.to(resolve_device(device))
         window = window or WINDOW_PATCHES * p
         tile = tile or TILE_WINDOWS * window
         if window % p:
@@ -268,12 +273,13 @@ def _embed_tile(encoder, image, valid, loaded, wavelengths, window, batch_size) 
     crops = torch.from_numpy(padded).unflatten(1, (rows, window)).unflatten(3, (cols, window))
     crops = crops.permute(1, 3, 0, 2, 4).reshape(rows * cols, channels, window, window)
     device = next(encoder.parameters()).device
-    parts = [
-        patch_embeddings(
-            encoder, crops[i : i + batch_size].to(device), loaded.band_ids, wavelengths
-        )
-        for i in range(0, len(crops), batch_size)
-    ]  # each [b, window/p, window/p, D]
+    with autocast_on(device):
+        parts = [
+            patch_embeddings(
+                encoder, crops[i : i + batch_size].to(device), loaded.band_ids, wavelengths
+            )
+            for i in range(0, len(crops), batch_size)
+        ]  # each [b, window/p, window/p, D]
     grid = window // p
     emb = torch.cat(parts).float().cpu().reshape(rows, cols, grid, grid, -1)
     emb = emb.permute(4, 0, 2, 1, 3).reshape(-1, rows * grid, cols * grid)  # [D, H/p, W/p]

@@ -10,6 +10,7 @@ each name to its adapter, which returns a ``PixelSplit``-like object (normalised
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -19,7 +20,7 @@ import torch
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.labelled import EVAL_DATASETS, loader_options
 from eoforge.finetune.dense import train_change, train_segmentation
-from eoforge.finetune.features import extract_features
+from eoforge.finetune.features import extract_features, resolve_device
 from eoforge.finetune.finetune import finetune_classifier
 from eoforge.finetune.knn import knn_probe
 from eoforge.finetune.linear import linear_probe
@@ -81,18 +82,28 @@ def band_policy(band_ids: list[str], card: dict) -> str:
 
 
 def frozen_features(
-    release: str | Path, dataset: str, *, seed: int, batch_size: int, progress: bool, **options
-) -> tuple[object, Release, dict[str, torch.Tensor]]:
-    """(the dataset split, the release, {"train", "test": features [N, 2D]}) of a frozen probe;
-    ``options`` go to the dataset's loader."""
+    release: str | Path,
+    dataset: str,
+    *,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    device: str | None = None,
+    **options,
+) -> tuple[object, Release, dict[str, torch.Tensor], dict]:
+    """(the dataset split, the release, {"train", "test": features [N, 2D]}, the extraction's
+    {device, feature_images_per_s}) of a frozen probe; ``options`` go to the dataset's loader."""
     data = load_split(dataset, seed, **options)
     loaded = dataset_release(release, data)
+    where = resolve_device(device)
+    loaded.encoder.to(where)
     patch, size = loaded.encoder.patch_size, data.x_train.shape[-1]
     if size % patch:
         raise DataError(
             f"{dataset}: images of {size} px are not a multiple of the patch size {patch} of "
             f"release {release}; choose a window or tile that is"
         )
+    start = time.perf_counter()
     features = {
         split: extract_features(
             loaded.encoder,
@@ -105,7 +116,10 @@ def frozen_features(
         )
         for split, x in (("train", data.x_train), ("test", data.x_test))
     }
-    return data, loaded, features
+    seconds = time.perf_counter() - start
+    n_images = len(data.x_train) + len(data.x_test)
+    speed = {"device": str(where), "feature_images_per_s": round(n_images / seconds, 1)}
+    return data, loaded, features, speed
 
 
 def run_linear(
@@ -114,6 +128,7 @@ def run_linear(
     *,
     seed: int = 0,
     batch_size: int = 256,
+    device: str | None = None,
     progress: bool = True,
     out: str | Path | None = None,
     **options,
@@ -128,6 +143,8 @@ def run_linear(
         dataset: ``"NAME:ROOT"``, NAME one of ``DATASETS``.
         seed: seeds the split (where the dataset's split is seeded), the caps and the probe.
         batch_size: images per forward pass of the encoder.
+        device: where the encoder runs (``features.resolve_device``: default CUDA when present);
+            features are extracted under bf16 autocast on CUDA, in fp32 on the CPU.
         progress: show progress bars and print the result.
         out: if given, the result is also written there as JSON.
         options: the dataset loader's options, e.g. Indian Pines' ``window`` (a multiple of the
@@ -136,11 +153,12 @@ def run_linear(
     Returns:
         {protocol, dataset, release, accuracy, majority_baseline, test_majority_share, best_lr,
         best_weight_decay, val_accuracy, per_class_accuracy, n_train, n_test, n_classes, seed,
-        split_hash, band_policy, normalisation, window, features}.
+        split_hash, band_policy, normalisation, window, features, device, feature_images_per_s}.
     """
-    data, loaded, features = frozen_features(
-        release, dataset, seed=seed, batch_size=batch_size, progress=progress, **options
-    )
+    data, loaded, features, speed = frozen_features(
+        release, dataset, seed=seed, batch_size=batch_size, progress=progress, device=device,
+        **options,
+    )  # fmt: skip
     if data.task != "classification":
         raise DataError(
             f"{dataset} is a {data.task} dataset; the linear probe scores single-label "
@@ -167,6 +185,7 @@ def run_linear(
         "per_class_accuracy": {
             data.class_names[c]: acc for c, acc in sorted(probe.per_class_accuracy.items())
         },
+        **speed,
     }
     return _report(result, release, dataset, data, loaded, seed, out, progress)
 
@@ -178,6 +197,7 @@ def run_knn(
     seed: int = 0,
     k: int | None = None,
     batch_size: int = 256,
+    device: str | None = None,
     progress: bool = True,
     out: str | Path | None = None,
     **options,
@@ -191,9 +211,10 @@ def run_knn(
         temperature, per_class_accuracy} (multilabel: {protocol, map_micro, map_macro,
         per_class_ap, no_positive, k, temperature}) and the provenance fields of ``run_linear``.
     """
-    data, loaded, features = frozen_features(
-        release, dataset, seed=seed, batch_size=batch_size, progress=progress, **options
-    )
+    data, loaded, features, speed = frozen_features(
+        release, dataset, seed=seed, batch_size=batch_size, progress=progress, device=device,
+        **options,
+    )  # fmt: skip
     if data.task not in ("classification", "multilabel"):
         raise DataError(f"{dataset} is a {data.task} dataset; kNN scores image labels")
     probe = knn_probe(
@@ -215,6 +236,7 @@ def run_knn(
             "no_positive": [data.class_names[c] for c in probe.no_positive],
             "k": probe.k,
             "temperature": probe.temperature,
+            **speed,
         }
         return _report(result, release, dataset, data, loaded, seed, out, progress)
     result = {
@@ -228,6 +250,7 @@ def run_knn(
         "per_class_accuracy": {
             data.class_names[c]: acc for c, acc in sorted(probe.per_class_accuracy.items())
         },
+        **speed,
     }
     return _report(result, release, dataset, data, loaded, seed, out, progress)
 
@@ -273,6 +296,7 @@ def run_trained(
     lr: float | None = None,
     layer_decay: float = 0.75,
     batch_size: int = 16,
+    device: str | None = None,
     progress: bool = True,
     out: str | Path | None = None,
     **options,
@@ -280,7 +304,8 @@ def run_trained(
     """Train a head, and the encoder unless ``frozen``, with layer-wise lr decay, then score:
     ``finetune`` (classification: accuracy; multilabel: mAP micro/macro), ``segmentation``
     (UPerNet-style decoder: mIoU) or ``change`` (siamese encoder: F1 and IoU of the change
-    class). Other arguments as ``run_linear``'s; ``lr`` defaults to the protocol's own.
+    class). Other arguments as ``run_linear``'s (``device`` included: training runs where the
+    encoder is); ``lr`` defaults to the protocol's own.
 
     Raises:
         DataError: when the dataset's task is not the protocol's.
@@ -294,6 +319,7 @@ def run_trained(
             f"{' or '.join(TRAINED_TASKS[protocol])}"
         )
     loaded = dataset_release(release, data)
+    loaded.encoder.to(resolve_device(device))
     training = dict(frozen=frozen, epochs=epochs, layer_decay=layer_decay, batch_size=batch_size)
     training |= {"progress": progress, **({"lr": lr} if lr else {})}
     scores, trained = train_and_score(protocol, loaded.encoder, data, loaded, seed, **training)
@@ -304,6 +330,7 @@ def run_trained(
         "epochs": epochs,
         "layer_decay": layer_decay,
         "final_train_loss": trained.train_loss[-1],
+        "device": str(next(loaded.encoder.parameters()).device),
     }
     return _report(result, release, dataset, data, loaded, seed, out, progress)
 

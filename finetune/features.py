@@ -1,13 +1,38 @@
-"""Frozen feature extraction: one pooled vector per image from a release's encoder."""
+"""Frozen feature extraction: one pooled vector per image from a release's encoder, and the
+device evaluation runs on."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The evaluation device: ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``), or with None or
+    ``"auto"`` CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: naming the device when it is CUDA and no CUDA device is present.
+    """
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is present here; use --device cpu")
+    return device
+
+
+def autocast_on(device: torch.device):
+    """bf16 autocast on CUDA (features are pooled and probed in fp32 afterwards); on the CPU a
+    no-op, so CPU features stay fp32 and bit-reproducible."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -28,7 +53,7 @@ def extract_features(
 
     Args:
         encoder: an encoder with ``forward_features(images, band_ids, wavelengths) -> [B, 1+N, D]``;
-            run in eval mode on the device of its parameters.
+            run in eval mode on the device of its parameters (under bf16 autocast on CUDA).
         images: array-like [N, C, H, W] float32, already normalised; sliced per batch, so lazy
             window arrays never materialise whole.
         band_ids, wavelengths: identity of the C channels (wavelengths [C] nm).
@@ -50,7 +75,9 @@ def extract_features(
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
             batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
             batch = torch.from_numpy(batch).to(device)  # [B, C, H, W]
-            tokens = encoder.forward_features(batch, band_ids, wavelengths)  # [B, 1+N, D]
+            with autocast_on(device):
+                tokens = encoder.forward_features(batch, band_ids, wavelengths)  # [B, 1+N, D]
+            tokens = tokens.float()
             pooled = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)  # [B, 2D]
             chunks.append(pooled.float().cpu())
     finally:

@@ -98,7 +98,33 @@ def _eval_arguments(command: argparse.ArgumentParser, options: str) -> None:
         "--dataset", required=True, help="NAME:ROOT, e.g. indian_pines:/data/indian_pines"
     )
     command.add_argument("--out", help="write the result as JSON here")
+    _device_argument(command)
     command.add_argument("options", nargs="*", help=f"key=value options: {options}")
+
+
+def _device_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--device",
+        type=_device,
+        help="where the encoder runs: cpu, cuda, cuda:N (default: CUDA when present; features "
+        "under bf16 autocast on CUDA, fp32 on the CPU)",
+    )
+
+
+def _device(name: str) -> str:
+    """``--device``: a torch device that is present here (argparse turns the error into a usage
+    line and exit code 2 before anything runs)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device (cpu, cuda, cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{name}: no CUDA device is present here; use --device cpu"
+        )
+    return name
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -302,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--window", type=int, help="crop side in patches the encoder sees at once")
     embed.add_argument("--tile", type=int, help="pixels read per tile")
     embed.add_argument("--batch-size", type=int, default=16)
+    _device_argument(embed)
 
     evaluate = _group(verbs, "eval", "downstream protocols on frozen or finetuned encoders")
     linear = _command(evaluate, "eval", "linear", "linear probe on frozen features", _eval_linear)
@@ -331,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     brun.add_argument("suite", help="suite YAML")
     brun.add_argument("--release", required=True, help="release folder")
     brun.add_argument("--out", help="results folder (default: bench/<suite name>)")
+    _device_argument(brun)
     bcompare = _command(
         bench, "bench", "compare", "side-by-side table of two results", _bench_compare
     )
@@ -653,6 +681,7 @@ def _embed(args) -> int:
         window=args.window,
         tile=args.tile,
         batch_size=args.batch_size,
+        device=args.device,
     )
     print(f"wrote {out}")
     return 0
@@ -680,7 +709,7 @@ def _eval_knn(args) -> int:
     from eoforge.finetune.evaluate import run_knn
 
     options = dict(_parse_option(item) for item in args.options)
-    run_knn(args.release, args.dataset, out=args.out, **options)
+    run_knn(args.release, args.dataset, out=args.out, device=args.device, **options)
     return 0
 
 
@@ -689,7 +718,13 @@ def _eval_trained(args) -> int:
 
     options = dict(_parse_option(item) for item in args.options)
     run_trained(
-        args.protocol, args.release, args.dataset, frozen=args.frozen, out=args.out, **options
+        args.protocol,
+        args.release,
+        args.dataset,
+        frozen=args.frozen,
+        out=args.out,
+        device=args.device,
+        **options,
     )
     return 0
 
@@ -699,7 +734,7 @@ def _bench_run(args) -> int:
 
     suite = load_suite(args.suite)
     out = Path(args.out or Path("bench") / suite.name)
-    results = run_suite(suite, args.release, out)
+    results = run_suite(suite, args.release, out, device=args.device)
     print((out / "results.md").read_text(), end="")
     print(f"{len(results['cells'])} cells; results in {out}/results.{{json,csv,md,png}}")
     return 0
@@ -716,7 +751,7 @@ def _eval_linear(args) -> int:
     from eoforge.finetune.evaluate import run_linear
 
     options = dict(_parse_option(item) for item in args.options)
-    run_linear(args.release, args.dataset, out=args.out, **options)
+    run_linear(args.release, args.dataset, out=args.out, device=args.device, **options)
     return 0
 
 
