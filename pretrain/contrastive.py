@@ -1,5 +1,6 @@
-"""Pieces shared by the contrastive objectives (CROMA, SeCo): pooling, projection heads, a
-learnable logit scale, the cross-rank symmetric InfoNCE, the MoCo InfoNCE and its key queue."""
+"""Pieces shared by the contrastive objectives (CROMA, SeCo, instance contrast): pooling,
+projection heads, a learnable logit scale, the cross-rank symmetric InfoNCE, the MoCo InfoNCE
+and its key queue, and the collapse statistics every one of them reports."""
 
 from __future__ import annotations
 
@@ -14,6 +15,41 @@ from eoforge.launch.distributed import gather_with_grad
 # Logits of excluded pairs: finite (unlike -inf) so a row with no valid column stays NaN-free, and
 # far below any real logit (|s * cos| <= 100), so exp() of it is exactly 0 in float32.
 EXCLUDED_LOGIT = -1e4
+
+
+# Below this ``collapse/std`` (module ``embedding_health``) the loop warns that the embeddings
+# are collapsing: a healthy spread of unit vectors reads about 1, a collapsed one 0.
+COLLAPSE_STD = 0.1
+
+
+@torch.no_grad()
+def embedding_health(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Collapse statistics of unit embeddings z [B, E] (SimSiam, Chen & He 2021, section 4.1):
+
+    - ``collapse/std``: the per-dimension standard deviation over the batch, averaged over
+      dimensions and multiplied by sqrt(E), so unit vectors spread evenly over the sphere read
+      about 1 and embeddings collapsed onto one vector read 0;
+    - ``collapse/mean_cosine``: the mean cosine similarity between different samples (1 when
+      collapsed, about 0 when spread).
+    """
+    z = z.detach().float()
+    b, e = z.shape
+    std = z.std(dim=0).mean() * e**0.5 if b > 1 else z.new_zeros(())
+    gram = z @ z.T  # [B, B]
+    off_diagonal = (gram.sum() - gram.diagonal().sum()) / max(b * (b - 1), 1)
+    return {"collapse/std": std, "collapse/mean_cosine": off_diagonal}
+
+
+def collapse_warnings(values: dict[str, float], step: int) -> list[str]:
+    """One message per logged ``collapse/std`` statistic (any objective, any term prefix or
+    modality suffix) below ``COLLAPSE_STD``."""
+    return [
+        f"{key} = {value:.3f} at step {step}, below {COLLAPSE_STD}: the embeddings are "
+        "collapsing onto one vector; lower optim.lr, raise the objective's temperature, or "
+        "check that the samples differ"
+        for key, value in values.items()
+        if "collapse/std" in key and value < COLLAPSE_STD
+    ]
 
 
 def pool(features: torch.Tensor) -> torch.Tensor:

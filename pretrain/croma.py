@@ -16,7 +16,13 @@ from torch import nn
 
 from eoforge.models.attention import Attention, attention
 from eoforge.models.spectral import patchify, unpatchify
-from eoforge.pretrain.contrastive import LogitScale, ProjectionHead, pool, symmetric_info_nce
+from eoforge.pretrain.contrastive import (
+    LogitScale,
+    ProjectionHead,
+    embedding_health,
+    pool,
+    symmetric_info_nce,
+)
 from eoforge.pretrain.mae import MAE, random_masking
 from eoforge.pretrain.views import present_mask, valid_mask
 
@@ -129,7 +135,8 @@ class CROMA(MAE):
         self._roles: dict[tuple[str, ...], str] = {}  # band set -> "optical" | "radar"
 
     def forward(self, batch: dict, preview: bool = False) -> dict:
-        """{"loss", "loss/contrastive", "loss/optical", "loss/radar", "logit_scale"}."""
+        """{"loss", "loss/contrastive", "loss/optical", "loss/radar", "logit_scale"} and the
+        collapse statistics of both embeddings (``contrastive.embedding_health``)."""
         if preview:
             return self.preview(batch)
         terms = self.losses(batch)
@@ -137,10 +144,14 @@ class CROMA(MAE):
         out = {"loss": loss}
         out.update({f"loss/{k}": terms[k].detach() for k in ("contrastive", "optical", "radar")})
         out["logit_scale"] = terms["logit_scale"].detach()
+        for side in ("optical", "radar"):
+            health = embedding_health(terms[f"z_{side}"][terms["paired"]])
+            out.update({f"{key}_{side}": value for key, value in health.items()})
         return out
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The three loss terms (with graph) and the logit scale."""
+        """The three loss terms (with graph), the logit scale, both embeddings z_optical and
+        z_radar [B, E] and which samples are paired [B]."""
         (_, optical), (_, radar) = self.modalities(batch)
         res = self.joint_pass(optical, radar)
         scale = self.logit_scale()
@@ -152,6 +163,9 @@ class CROMA(MAE):
             "optical": self.loss(optical["image"], res["valid_o"], res["pred_o"], res["mask"]),
             "radar": self.loss(radar["image"], res["valid_r"], res["pred_r"], res["mask"]),
             "logit_scale": scale,
+            "z_optical": z_o,
+            "z_radar": z_r,
+            "paired": paired,
         }
 
     def joint_pass(self, optical: dict, radar: dict) -> dict[str, torch.Tensor]:

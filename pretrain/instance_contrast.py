@@ -25,7 +25,7 @@ from torch import nn
 
 from eoforge.launch.distributed import gather_with_grad
 from eoforge.models.vit import SpectralViT
-from eoforge.pretrain.contrastive import KeyQueue, info_nce, pool
+from eoforge.pretrain.contrastive import KeyQueue, embedding_health, info_nce, pool
 from eoforge.pretrain.seasonal import Augmentation, Unregistered
 from eoforge.pretrain.views import present_mask, sensor_views
 
@@ -118,7 +118,8 @@ class InstanceContrast(nn.Module):
         self.key_model.load_state_dict(state["key_model"])
 
     def forward(self, batch: dict, preview: bool = False) -> dict:
-        """{"loss", "positive_cosine"} over the batch's single-date views; ``preview`` returns
+        """{"loss", "positive_cosine", "collapse/std", "collapse/mean_cosine"} over the batch's
+        single-date views (``contrastive.embedding_health`` of the queries); ``preview`` returns
         ``{}`` (nothing to reconstruct)."""
         if preview:
             return {}
@@ -130,10 +131,11 @@ class InstanceContrast(nn.Module):
             )
         if self.training:
             self._momentum_update()
-        losses, cosines = zip(*(self.view_loss(view) for _, view in views), strict=True)
+        losses, cosines, health = zip(*(self.view_loss(view) for _, view in views), strict=True)
         return {
             "loss": torch.stack(losses).mean(),
             "positive_cosine": torch.stack(cosines).mean().detach(),
+            **{key: torch.stack([h[key] for h in health]).mean() for key in health[0]},
         }
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
@@ -143,8 +145,8 @@ class InstanceContrast(nn.Module):
         )
         return jitter_bands(crop(images), self.band_jitter, self.p_mean_bands)
 
-    def view_loss(self, view: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(InfoNCE, mean query-key cosine) of one view."""
+    def view_loss(self, view: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(InfoNCE, mean query-key cosine, the queries' collapse statistics) of one view."""
         images = view["image"]  # [B, C, H, W]
         present = present_mask(view)
         z_q = F.normalize(
@@ -160,7 +162,8 @@ class InstanceContrast(nn.Module):
         loss = info_nce(z_q, z_k, negatives, self.temperature, present.float())
         if self.training:
             self._enqueue(z_k, present)
-        return loss, (z_q.detach().float() * z_k.float()).sum(-1).mean()
+        cosine = (z_q.detach().float() * z_k.float()).sum(-1).mean()
+        return loss, cosine, embedding_health(z_q[present])
 
     def _encode(self, encoder, images: torch.Tensor, view: dict) -> torch.Tensor:
         """Encoder features [B, 1 + N, D] of augmented images [B, C, H, W]."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from eoforge.launch.distributed import gather_with_grad
 from eoforge.models.vit import SpectralViT
-from eoforge.pretrain.contrastive import KeyQueue, info_nce, pool
+from eoforge.pretrain.contrastive import KeyQueue, embedding_health, info_nce, pool
 from eoforge.pretrain.views import present_mask
 
 # What each head's embedding is invariant to, in SeCo's order (head i's positive is key k_i).
@@ -178,7 +178,8 @@ class SeasonalContrast(nn.Module):
         self.key_model.load_state_dict(state["key_model"])
 
     def forward(self, batch: dict, preview: bool = False) -> dict:
-        """{"loss", "loss/invariant_<all|season|augmentation>"} over the batch's time series.
+        """{"loss", "loss/invariant_<all|season|augmentation>", "collapse/std",
+        "collapse/mean_cosine"} over the batch's time series.
 
         ``preview`` returns ``{}``: there is no reconstruction to show.
         """
@@ -193,14 +194,18 @@ class SeasonalContrast(nn.Module):
             )
         if self.training:
             self._momentum_update()
-        per_view = [self.view_losses(sensor, view) for sensor, view in series]  # each [heads]
+        per_view, health = zip(
+            *(self.view_losses(sensor, view) for sensor, view in series), strict=True
+        )  # each [heads], {statistic}
         per_head = torch.stack(per_view).mean(dim=0)  # [heads]
         out = {"loss": per_head.sum()}
+        out.update({k: torch.stack([h[k] for h in health]).mean() for k in health[0]})
         out.update({f"loss/invariant_{h}": per_head[i].detach() for i, h in enumerate(HEADS)})
         return out
 
-    def view_losses(self, sensor: str, view: dict) -> torch.Tensor:
-        """The three heads' InfoNCE losses [3] on one time-series view."""
+    def view_losses(self, sensor: str, view: dict) -> tuple[torch.Tensor, dict]:
+        """The three heads' InfoNCE losses [3] on one time-series view, and the collapse
+        statistics of head 0's queries (``contrastive.embedding_health``)."""
         images = view["image"]  # [B, T, C, H, W]
         b, steps = images.shape[:2]
         if steps < 2:
@@ -242,9 +247,11 @@ class SeasonalContrast(nn.Module):
                 info_nce(z_q, z_k[i], torch.cat(negatives), self.temperature, present.float())
             )
             positives.append(z_k[i])
+            if i == 0:
+                health = embedding_health(z_q[present])
         if self.training:
             self._enqueue(positives, present)
-        return torch.stack(losses)
+        return torch.stack(losses), health
 
     def _encode(self, encoder, images, view, time, copies: int = 1) -> torch.Tensor:
         """Encoder features [B', 1 + N, D] of images [B', C, H, W] = ``copies`` x the batch."""

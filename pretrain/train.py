@@ -32,6 +32,7 @@ from eoforge.launch.rundir import RunDir
 from eoforge.launch.signals import StopRequest
 from eoforge.models import create_model
 from eoforge.pretrain.config import EngineConfig, PretrainConfig
+from eoforge.pretrain.contrastive import collapse_warnings
 from eoforge.pretrain.data import (
     SampleLog,
     build_stream,
@@ -194,6 +195,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                     f"step {step}/{cfg.steps} loss {values['loss']:.4f} lr {lr:.2e} "
                     f"{values['samples_per_s']:.1f} samples/s"
                 )
+                for message in collapse_warnings(values, step):
+                    log.warning(message)
                 window_start, window_losses = time.perf_counter(), []
             if val_stream and step % cfg.data.val_every == 0:
                 val = validation_loss(

@@ -222,7 +222,13 @@ def test_croma_every_parameter_gets_a_gradient_and_preview_has_both_sensors(pair
     croma = _croma()
     torch.manual_seed(0)
     out = croma(paired)
-    assert set(out) == {"loss", "loss/contrastive", "loss/optical", "loss/radar", "logit_scale"}
+    health = {
+        f"collapse/{k}_{side}" for k in ("std", "mean_cosine") for side in ("optical", "radar")
+    }
+    assert (
+        set(out)
+        == {"loss", "loss/contrastive", "loss/optical", "loss/radar", "logit_scale"} | health
+    )
     out["loss"].backward()
     missing = [n for n, p in croma.named_parameters() if p.grad is None]
     assert not missing, missing
@@ -290,7 +296,8 @@ def test_seasonal_every_parameter_gets_a_gradient(seasonal):
     seco = _seco()
     torch.manual_seed(0)
     out = seco(seasonal)
-    assert set(out) == {"loss"} | {f"loss/invariant_{h}" for h in HEADS}
+    health = {"collapse/std", "collapse/mean_cosine"}
+    assert set(out) == {"loss"} | {f"loss/invariant_{h}" for h in HEADS} | health
     out["loss"].backward()
     missing = [n for n, p in seco.named_parameters() if p.grad is None]
     assert not missing, missing

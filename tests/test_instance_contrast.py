@@ -3,11 +3,14 @@ momentum copy, the queue, the band jitter, and a loss that falls."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from eoforge.datasets.eurosat import load_eurosat
 from eoforge.models import create_model
+from eoforge.pretrain.contrastive import collapse_warnings
 from eoforge.pretrain.instance_contrast import InstanceContrast, jitter_bands
 from eoforge.pretrain.objectives import objective_class
 
@@ -58,7 +61,8 @@ def test_band_jitter_scales_bands_and_sometimes_averages_them():
 def test_every_parameter_gets_a_gradient(batches, sensor):
     moco = _moco()
     out = moco(batches[sensor])
-    assert set(out) == {"loss", "positive_cosine"} and torch.isfinite(out["loss"])
+    assert set(out) == {"loss", "positive_cosine", "collapse/std", "collapse/mean_cosine"}
+    assert torch.isfinite(out["loss"])
     out["loss"].backward()
     missing = [n for n, p in moco.named_parameters() if p.grad is None]
     assert not missing, missing
@@ -131,3 +135,22 @@ def test_loss_falls_on_real_images(sample_data):
     # Step 0's negatives are the queue's random start; from step 1 on they are real keys.
     # Each query comes to pick its own key out of them.
     assert sum(losses[-6:]) / 6 < 0.6 * sum(losses[1:7]) / 6, losses
+
+
+def test_collapse_is_measured_and_warned(batches):
+    """Identical images with augmentations off (flips remain) embed onto nearly one vector:
+    collapse/std reads near 0 and the training loop's check names the statistic; real images
+    spread the embeddings."""
+    moco = _moco(min_crop_scale=1.0, brightness=0.0, band_jitter=0.0, p_mean_bands=0.0)
+    view = batches["S2RGB8"]["S2RGB8"]
+    same = dict(view, image=view["image"][:1].expand_as(view["image"]).contiguous())
+    with torch.no_grad():
+        collapsed = moco({"S2RGB8": same, "meta": {}})
+        spread = moco(batches["S2RGB8"])
+    assert collapsed["collapse/std"] < 0.05 and collapsed["collapse/mean_cosine"] > 0.99
+    assert spread["collapse/std"] > collapsed["collapse/std"]
+    values = {k: float(v) for k, v in collapsed.items()}
+    [message] = collapse_warnings(values, step=7)
+    assert re.match(r"collapse/std = 0\.0\d\d at step 7, below 0\.1: the embeddings", message)
+    assert not collapse_warnings({"loss": 0.0, "croma/collapse/std_radar": 0.5}, step=7)
+    assert collapse_warnings({"croma/collapse/std_radar": 0.05}, step=7)
