@@ -207,14 +207,17 @@ def run_suite(
     with tqdm(
         total=len(todo), desc=f"bench {suite.name}", unit="cell", disable=not progress
     ) as bar:
-        # Cells come grouped by (dataset, seed, encoder): one split, one encoder and one feature
-        # extraction serve every protocol of the group.
-        group, prepared = None, None
+        # Cells come grouped by (dataset, seed, encoder): one encoder and one feature extraction
+        # serve every protocol of the group, and one split every encoder of (dataset, seed).
+        group, prepared, split = None, None, (None, None)
         for entry, seed, encoder, protocol in todo:
             if group != (entry_id(entry), seed, encoder):
                 group = (entry_id(entry), seed, encoder)
+                if split[0] != group[:2]:
+                    where_from = f"{entry['name']}:{entry['root']}"
+                    split = (group[:2], load_split(where_from, seed, **entry.get("options", {})))
                 training = suite.training | entry.get("training", {})
-                prepared = prepare_split(entry, seed, encoder, release, training, where)
+                prepared = prepare_split(split[1], entry, seed, encoder, release, training, where)
             cell = score(prepared, protocol, seed) | {
                 "dataset": entry_id(entry),
                 "dataset_name": entry["name"],
@@ -264,6 +267,7 @@ class PreparedSplit:
 
 
 def prepare_split(
+    data,
     entry: dict,
     seed: int,
     encoder: str,
@@ -271,11 +275,11 @@ def prepare_split(
     training: dict,
     device: torch.device | None = None,
 ) -> PreparedSplit:
-    """Cut the dataset's split for ``seed`` and build the row's encoder: ``release``; or its
-    architecture with random weights drawn from ``seed`` (``random_init``: frozen probes then
-    show what pretraining adds, and trained protocols train it from scratch); or that random
-    encoder first trained with labels on the split (``supervised``, image-label datasets)."""
-    data = load_split(f"{entry['name']}:{entry['root']}", seed, **entry.get("options", {}))
+    """Build the row's encoder for the dataset split ``data`` (the entry's, for ``seed``):
+    ``release``; or its architecture with random weights drawn from ``seed`` (``random_init``:
+    frozen probes then show what pretraining adds, and trained protocols train it from
+    scratch); or that random encoder first trained with labels on the split (``supervised``,
+    image-label datasets)."""
     loaded = dataset_release(release, data)
     model = loaded.encoder
     if encoder != "release":
