@@ -1,8 +1,9 @@
-"""Masked autoencoder with the spectrum-aware tokenizer (SPECS O1 with T1 heads).
+"""Masked autoencoder (He et al. 2021, arXiv:2111.06377) over any one-token-per-patch tokenizer.
 
 Random masking per sample (argsort of noise), the encoder sees the visible tokens only, a
 transformer decoder fills in mask tokens, and band b of every patch is predicted by the
-reconstruction head of its spectral range. The loss is the MSE on masked patches against
+reconstruction head of its spectral range (the spectral tokenizer) or by a head conditioned on
+its wavelength (DOFA's hypernetwork, the spectral adapter: ``reconstruction``). The loss is the MSE on masked patches against
 per-patch normalised targets (norm_pix), computed per band over valid pixels and averaged over
 bands, so a 224-band EnMAP tile and a 2-band Sentinel-1 tile weigh the same.
 """
@@ -14,6 +15,7 @@ from torch import nn
 
 from eoforge.models.attention import Block
 from eoforge.models.pos_embed import sincos_2d
+from eoforge.models.reconstruction import WavelengthReconstructionHead
 from eoforge.models.spectral import (
     SpectralReconstructionHead,
     SpectrumAwarePatchEmbed,
@@ -46,7 +48,8 @@ class MAE(nn.Module):
     """Masked autoencoder objective around a spectrum-aware encoder.
 
     Args:
-        encoder: a model with the encoder protocol (``tokenize``/``encode``) and ``patch_embed``.
+        encoder: a model with the encoder protocol (``tokenize``/``encode``) and a
+            ``patch_embed`` making one token per patch.
         mask_ratio: fraction of patches hidden from the encoder.
         decoder_dim, decoder_depth, decoder_heads: decoder transformer size (512 x 8 x 16 published).
         norm_pix: normalise each band of each target patch by its own mean and variance.
@@ -66,10 +69,12 @@ class MAE(nn.Module):
         super().__init__()
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio={mask_ratio}: must be in (0, 1)")
-        if not isinstance(getattr(encoder, "patch_embed", None), SpectrumAwarePatchEmbed):
+        tokenizer = getattr(encoder, "patch_embed", None)
+        if getattr(tokenizer, "tokens_per_patch", None) != 1:
             raise ValueError(
-                "MAE predicts each band through the spectral tokenizer's per-range heads; build the "
-                "encoder with tokenizer='spectral' (model.kwargs.tokenizer)"
+                "MAE masks and reconstructs one token per patch; the channel_groups tokenizer "
+                "makes one per band group and patch, which this MAE does not mask per group: "
+                "use tokenizer spectral, dofa or spectral_adapter (model.kwargs.tokenizer)"
             )
         self.encoder = encoder
         self.mask_ratio = mask_ratio
@@ -81,7 +86,12 @@ class MAE(nn.Module):
             Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True) for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.head = SpectralReconstructionHead(encoder.patch_embed, decoder_dim)
+        # The spectral tokenizer's per-range heads where it has them; a wavelength-conditioned
+        # head for tokenizers without spectral ranges (DOFA, the spectral adapter).
+        if isinstance(tokenizer, SpectrumAwarePatchEmbed):
+            self.head = SpectralReconstructionHead(tokenizer, decoder_dim)
+        else:
+            self.head = WavelengthReconstructionHead(decoder_dim, encoder.patch_size)
 
     def forward(self, batch: dict, preview: bool = False) -> dict:
         """Loss over every sensor in a batch -> {"loss", "loss/<sensor>"}.

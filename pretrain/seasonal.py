@@ -81,9 +81,10 @@ class Augmentation:
         shift = (2 * torch.rand(batch, device=device) - 1) * brightness
         return cls(theta, shift)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> the crops resized back to [B, C, H, W]."""
-        grid = F.affine_grid(self.theta.to(images.dtype), list(images.shape), align_corners=False)
+    def __call__(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """[B, C, H, W] -> the crops resized to [B, C, size, size] (default: back to H x W)."""
+        shape = list(images.shape) if size is None else [*images.shape[:2], size, size]
+        grid = F.affine_grid(self.theta.to(images.dtype), shape, align_corners=False)
         out = F.grid_sample(
             images, grid, mode="bilinear", padding_mode="border", align_corners=False
         )
