@@ -97,3 +97,18 @@ def test_smoke_runs_every_stage_and_scores_every_gate(sample_data, tmp_path):
     assert [(g["entry"], g["protocol"], g["baseline"]) for g in result["gates"]] == efficiency.GATES
     assert result["gates_hold"] == all(g["holds"] for g in result["gates"])
     assert "## Gates and goals" in md and "label_efficiency_smoke.png" in md
+
+
+def test_the_shipped_eurosat_best_config_is_the_scored_recipe():
+    import yaml
+
+    from eoforge.pretrain.config import find_config
+
+    shipped = yaml.safe_load(find_config("eurosat_best").read_text())
+    recipe = efficiency.RECIPE
+    for key in ("model", "objective", "steps"):
+        assert shipped[key] == recipe[key], key
+    for key in ("batch_size", "sensor_weights", "shuffle_buffer"):
+        assert shipped["data"][key] == recipe["data"][key], key
+    for key in ("lr", "min_lr", "weight_decay", "betas", "warmup_steps"):
+        assert shipped["optim"][key] == recipe["optim"][key], key
