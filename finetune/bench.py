@@ -388,6 +388,9 @@ def _row(key: tuple, values: list[float], cells: list[dict]) -> dict:
         "n_seeds": len(values),
         "seeds": [c["seed"] for c in cells],
         "band_policy": "; ".join(sorted({c["band_policy"] for c in cells})),
+        # Where the row's data came from (cells of older runs may lack it).
+        "root": cells[0].get("root"),
+        "options": cells[0].get("options"),
     }
 
 

@@ -5,8 +5,11 @@ Backends:
       flash, memory-efficient or math kernel. An ``attn_mask`` (e.g. block-diagonal for packed
       sequences) goes to SDPA as is.
   ``"flash_attn"`` — the ``flash-attn`` package (``pip install eoforge[gpu]``) on CUDA in
-      bf16/fp16; elsewhere, or with a mask, the call falls back to SDPA (flash-attn has no
-      arbitrary masks; packed sequences use its varlen path, which needs cumulative lengths).
+      bf16/fp16, through ``flash_attn_func`` on unmasked batches; elsewhere, or with a mask,
+      the call falls back to SDPA (flash-attn takes no arbitrary masks, and eoforge has no
+      varlen path for packed sequences). UNTESTED: the package cannot be built on the machines
+      eoforge is developed and tested on (no CUDA toolkit), so this backend has never run; SDPA,
+      whose flash kernel the GPU tests check, is the default and the recommended choice.
 Parameter names (``qkv``, ``proj``, ``norm1``, ``mlp.fc1`` ...) follow timm's ViT blocks, so
 state dicts map one to one onto ``timm``'s ``vit_*`` models.
 """

@@ -249,11 +249,13 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars("loss")}
 
 
-def bench(suite: dict, release: Path, out: Path, log: Path) -> dict:
-    """``eoforge bench run`` of ``suite`` on ``release``; its results.json."""
+def bench(suite: dict, release: Path, out: Path, log: Path, device: str | None = None) -> dict:
+    """``eoforge bench run`` of ``suite`` on ``release`` (on ``device``, default the bench's:
+    CUDA when present); its results.json."""
     path = out.parent / "suite.yaml"
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
-    eoforge(["bench", "run", str(path), "--release", str(release), "--out", str(out)], log)
+    args = ["bench", "run", str(path), "--release", str(release), "--out", str(out)]
+    eoforge(args + (["--device", device] if device else []), log)
     return json.loads((out / "results.json").read_text())
 
 

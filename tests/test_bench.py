@@ -268,6 +268,8 @@ def test_entries_are_keyed_by_id_and_never_merge(sample_data, release, tmp_path)
     rows = {(r["dataset"], r["encoder"], r["metric"]) for r in results["rows"]}
     assert ("ms_6", "release - random_init", "accuracy") in rows
     assert ("ms_5", "release - random_init", "accuracy") not in rows
+    row = next(r for r in results["rows"] if r["dataset"] == "ms_5")
+    assert row["root"] == str(root) and row["options"] == {"labels_per_class": 5}
     # The same test scenes for every seed and both label counts: only the label draws move.
     assert len({c["split_hash"] for c in results["cells"]}) == 6  # 2 entries x 3 label draws
 

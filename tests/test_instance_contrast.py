@@ -69,6 +69,15 @@ def test_every_parameter_gets_a_gradient(batches, sensor):
     assert moco(batches[sensor], preview=True) == {}
 
 
+def test_crops_can_be_smaller_than_the_image(batches):
+    moco = _moco(crop_size=16)
+    view = batches["S2RGB8"]["S2RGB8"]
+    assert moco.augment(view["image"]).shape == (16, 3, 16, 16)
+    assert torch.isfinite(moco(batches["S2RGB8"])["loss"])
+    with pytest.raises(ValueError, match="crop_size=12"):
+        _moco(crop_size=12)  # not a multiple of the patch size 8
+
+
 def test_momentum_copy_queue_and_state(batches):
     moco = _moco(momentum=0.9)
     key = moco.key_model

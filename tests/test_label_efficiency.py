@@ -62,18 +62,19 @@ def test_staging_keeps_every_test_scene_of_both_forms_out(sample_data, tmp_path,
         assert staged[form]["test_scenes"] > 0  # some of the first 30 per class were left out
 
 
-def run_smoke(sample_data: Path, out: Path) -> tuple[dict, str]:
+def run_smoke(sample_data: Path, out: Path, *extra: str) -> tuple[dict, str]:
     """The script's --smoke run, in a process of its own (pretraining starts a process group)."""
     env = dict(os.environ, EOFORGE_SAMPLE_DATA=str(sample_data), DS_ACCELERATOR="cpu")
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--threads", "1"],
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--threads", "1", *extra],
         env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-6000:]
-    name = "label_efficiency_smoke"
+    recipe = extra[extra.index("--recipe") + 1] if "--recipe" in extra else None
+    name = "label_efficiency" + (f"_{recipe}" if recipe else "") + "_smoke"
     assert sorted(p.name for p in out.iterdir()) == [
         f"{name}.{ext}" for ext in ("json", "md", "png")
     ]
@@ -112,3 +113,14 @@ def test_the_shipped_eurosat_best_config_is_the_scored_recipe():
         assert shipped["data"][key] == recipe["data"][key], key
     for key in ("lr", "min_lr", "weight_decay", "betas", "warmup_steps"):
         assert shipped["optim"][key] == recipe["optim"][key], key
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_runs_its_stages_at_smoke_size_on_the_cpu(sample_data, tmp_path):
+    """The lent-GPU recipe (ViT-S at patch 8) through the same pipeline, bench on --device cpu:
+    what a GPU session runs, checked where no GPU is."""
+    result, _ = run_smoke(
+        sample_data, tmp_path / "out", "--recipe", "gpu_vit_small", "--device", "cpu"
+    )
+    assert result["recipe"]["model"]["name"] == "vit_small_patch16"
+    assert {c["device"] for c in result["cells"] if c["protocol"] != "finetune"} == {"cpu"}
