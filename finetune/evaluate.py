@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
+import numpy as np
 import torch
 
 from eoforge.datasets.errors import DataError
@@ -23,7 +25,7 @@ from eoforge.finetune.dense import train_change, train_segmentation
 from eoforge.finetune.features import extract_features, resolve_device
 from eoforge.finetune.finetune import finetune_classifier
 from eoforge.finetune.knn import knn_probe
-from eoforge.finetune.linear import linear_probe
+from eoforge.finetune.linear import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, linear_probe
 from eoforge.models import load_release
 from eoforge.models.release import Release
 
@@ -129,6 +131,8 @@ def run_linear(
     seed: int = 0,
     batch_size: int = 256,
     device: str | None = None,
+    lrs: Sequence[float] = DEFAULT_LRS,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     progress: bool = True,
     out: str | Path | None = None,
     **options,
@@ -145,6 +149,8 @@ def run_linear(
         batch_size: images per forward pass of the encoder.
         device: where the encoder runs (``features.resolve_device``: default CUDA when present);
             features are extracted under bf16 autocast on CUDA, in fp32 on the CPU.
+        lrs, weight_decays: the probe's grid (``linear.DEFAULT_LRS``, ``DEFAULT_WEIGHT_DECAYS``);
+            on the command line ``lrs=[0.3,1,3]``.
         progress: show progress bars and print the result.
         out: if given, the result is also written there as JSON.
         options: the dataset loader's options, e.g. Indian Pines' ``window`` (a multiple of the
@@ -171,6 +177,8 @@ def run_linear(
         torch.from_numpy(data.y_test),
         n_classes=len(data.class_names),
         seed=seed,
+        lrs=lrs,
+        weight_decays=weight_decays,
         progress=progress,
     )
     result = {
@@ -255,9 +263,41 @@ def run_knn(
     return _report(result, release, dataset, data, loaded, seed, out, progress)
 
 
+# Fewer training samples than this in a class make a probe's score of it mostly chance.
+FEW_PER_CLASS = 5
+
+
+def coverage_warnings(data) -> list[str]:
+    """Warnings, also put in the result, where the training split lacks a class the test split
+    has, or holds fewer than ``FEW_PER_CLASS`` samples of one (single-label datasets)."""
+    if data.task != "classification":
+        return []
+    train = np.bincount(np.asarray(data.y_train), minlength=len(data.class_names))
+    tested = np.unique(np.asarray(data.y_test))
+    missing = [data.class_names[c] for c in tested if train[c] == 0]
+    few = [f"{data.class_names[c]} ({train[c]})" for c in tested if 0 < train[c] < FEW_PER_CLASS]
+    messages = []
+    if missing:
+        messages.append(
+            f"the training split has no sample of test class(es) {', '.join(missing)}: the "
+            "probe can never predict them; use a larger split or a dataset option that keeps them"
+        )
+    if few:
+        messages.append(
+            f"the training split has fewer than {FEW_PER_CLASS} samples of {', '.join(few)}: "
+            "their scores are mostly chance"
+        )
+    return messages
+
+
 def _report(result, release, dataset, data, loaded, seed, out, progress) -> dict:
-    """A probe's result with its provenance, written to ``out`` and printed as asked."""
+    """A probe's result with its provenance and coverage warnings, written to ``out`` and
+    printed as asked."""
+    notes = coverage_warnings(data)
+    for message in notes:
+        warnings.warn(f"{dataset}: {message}", stacklevel=3)
     result = result | {
+        "warnings": notes,
         "dataset": dataset,
         "release": str(release),
         "n_train": len(data.y_train),

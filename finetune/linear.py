@@ -207,9 +207,11 @@ def linear_probe(
     best_lr = pairs[best][0]
     side = grid_edge(best_lr, lrs)
     if side:
+        wider = widened(lrs, side)
         warnings.warn(
             f"linear probe: the selected learning rate {best_lr:g} is the grid's {side} "
-            f"({', '.join(f'{lr:g}' for lr in lrs)}); a better one may lie beyond it: widen lrs",
+            f"({', '.join(f'{lr:g}' for lr in lrs)}); a better one may lie beyond it: widen the "
+            f"grid with the linear protocol's option lrs=[{', '.join(f'{lr:g}' for lr in wider)}]",
             stacklevel=2,
         )
     correct = predictions == test_labels
@@ -238,6 +240,14 @@ def linear_probe(
         n_fit=len(fit),
         n_val=len(val),
     )
+
+
+def widened(lrs: Sequence[float], side: str) -> list[float]:
+    """``lrs`` sorted and extended by two rates past its ``side`` end, 3x and 10x beyond it."""
+    rates = sorted(set(lrs))
+    if side == "largest":
+        return [*rates, rates[-1] * 3, rates[-1] * 10]
+    return [rates[0] / 10, rates[0] / 3, *rates]
 
 
 def grid_edge(lr: float, lrs: Sequence[float]) -> str | None:

@@ -332,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = _group(verbs, "eval", "downstream protocols on frozen or finetuned encoders")
     linear = _command(evaluate, "eval", "linear", "linear probe on frozen features", _eval_linear)
-    _eval_arguments(linear, "seed, window, batch_size, max_train, max_test")
+    _eval_arguments(
+        linear, "seed, batch_size, lrs=[...], weight_decays=[...], and the dataset's options"
+    )
     knn = _command(evaluate, "eval", "knn", "weighted kNN on frozen features", _eval_knn)
-    _eval_arguments(knn, "seed, window, k, batch_size, max_train, max_test")
+    _eval_arguments(knn, "seed, k, batch_size, and the dataset's options")
     for protocol, help_text in (
         ("finetune", "finetune the encoder with a linear head (layer-wise lr decay)"),
         ("segmentation", "train an UPerNet-style decoder on the encoder; mIoU"),
@@ -764,6 +766,13 @@ def _parse_option(item: str) -> tuple[str, object]:
             return key, cast(value)
         except ValueError:
             pass
+    if value.startswith("[") and value.endswith("]"):  # a list, e.g. lrs=[0.3,1,3]
+        import yaml
+
+        try:
+            return key, yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SystemExit(f"eoforge: error: option {item!r} is not a list: {err}") from err
     return key, {"none": None, "true": True, "false": False}.get(value.lower(), value)
 
 

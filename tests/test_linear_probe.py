@@ -4,6 +4,7 @@ whole protocol runs on a release over real Indian Pines."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from eoforge.finetune import linear
 from eoforge.finetune.evaluate import run_knn, run_linear
 from eoforge.finetune.features import extract_features
 from eoforge.finetune.linear import LinearHeadGrid, linear_probe, stratified_holdout
+from eoforge.launch.cli import main
 from eoforge.models import create_model, save_release
 
 RESULT_KEYS = {
@@ -85,7 +87,9 @@ def test_a_selected_learning_rate_at_the_grid_edge_is_flagged():
     train_x, train_y = _separable(60, seed=4)
     test_x, test_y = _separable(20, seed=4)
     # Every rate far too small for 5 epochs: the largest learns most and is chosen.
-    with pytest.warns(UserWarning, match=r"selected learning rate 1e-05 is the grid's largest"):
+    # The advice names an option that exists: the linear protocol's lrs, widened past the edge.
+    advice = r"selected learning rate 1e-05 is the grid's largest.*lrs=\[1e-07, 1e-06, 1e-05, 3e-05, 0\.0001\]"
+    with pytest.warns(UserWarning, match=advice):
         low = linear_probe(train_x, train_y, test_x, test_y, lrs=(1e-7, 1e-6, 1e-5), epochs=5)
     assert low.lr_at_grid_edge and low.best_lr == 1e-5
     assert linear.grid_edge(1e-3, (1e-3, 0.1, 1.0)) == "smallest"
@@ -194,3 +198,26 @@ def test_linear_probe_refuses_multilabel_and_knn_scores_it_by_map(sample_data, r
     result = run_knn(release, bigearthnet, progress=False)
     assert result["n_classes"] == 19 and 0.0 < result["map_macro"] <= 1.0
     assert result["band_policy"] == "native: all 12 bands seen in pretraining"
+
+
+def test_the_grid_is_an_option_of_eval_linear(sample_data, release, tmp_path):
+    out = tmp_path / "linear.json"
+    argv = ["eval", "linear", "--release", str(release), "--out", str(out)]
+    dataset = f"indian_pines:{sample_data / 'indian_pines_aviris'}"
+    options = ["max_train=200", "max_test=100", "lrs=[0.03, 0.3]", "weight_decays=[0.0]"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AVIRIS bands unseen by the S2 release
+        assert main([*argv, "--dataset", dataset, *options]) == 0
+    result = json.loads(out.read_text())
+    assert result["best_lr"] in (0.03, 0.3) and result["best_weight_decay"] == 0.0
+
+
+def test_a_training_split_without_a_test_class_warns_and_says_so(sample_data, release):
+    """The 4-image EuroSAT sample split in halves: its 2 training images are of other classes
+    than its 2 test images, so no probe can score anything but 0 on them."""
+    dataset = f"eurosat:{sample_data / 'eurosat_ms_samples'}"
+    options = {"form": "ms", "test_fraction": 0.5, "val_fraction": 0.0}
+    with pytest.warns(UserWarning) as caught:
+        result = run_knn(release, dataset, progress=False, **options)
+    assert any("no sample of test class(es) Highway, Pasture" in str(w.message) for w in caught)
+    assert len(result["warnings"]) == 1 and "Highway, Pasture" in result["warnings"][0]
