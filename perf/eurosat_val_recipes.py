@@ -139,11 +139,15 @@ def describe(run: dict) -> str:
     """A run's recipe in a few words: objective, options, model, lr and budget."""
     model = run.get("model", MODEL)
     parts = [run.get("objective", "random weights")]
+    if "tokenizer" in model:
+        options = model.get("tokenizer_kwargs")
+        parts.append(f"tokenizer {model['tokenizer']}" + (f" {options}" if options else ""))
     parts += [f"{k}={v}" for k, v in run.get("kwargs", {}).items()]
     parts.append(f"patch {model['patch_size']}, D={model['embed_dim']}, depth {model['depth']}")
     if run["kind"] == "pretrain":
         parts.append(f"lr {run.get('lr', 1e-3)}, batch {run.get('batch', 128)}")
-    return ", ".join(parts)
+    text = ", ".join(parts)
+    return text + (f" ({run['note']})" if "note" in run else "")
 
 
 def table(path: Path) -> str:

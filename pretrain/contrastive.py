@@ -4,6 +4,7 @@ and its key queue, and the collapse statistics every one of them reports."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -191,3 +192,55 @@ class KeyQueue(nn.Module):
         index = (self.ptr + torch.arange(keys.shape[0], device=self.keys.device)) % size
         self.keys.index_copy_(0, index, keys.to(self.keys.dtype))
         self.ptr.copy_((self.ptr + keys.shape[0]) % size)
+
+
+class MomentumCopy:
+    """MoCo's momentum (EMA) copy of some of an objective's modules, held OUTSIDE the objective's
+    module tree: not in its ``parameters()``, ``state_dict()``, ``.to()`` or dtype casts. So the
+    optimiser never sees it, ZeRO never partitions or casts it (the EMA stays in float32 under
+    bf16, where a 0.1% update would round away), and it moves to the query's device lazily. The
+    owner saves it through its extra state (``state_dict``/``load_state_dict`` here).
+
+    Args:
+        modules: name -> module to copy (e.g. {"encoder": ..., "head": ...}).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        copies = nn.ModuleDict({name: copy.deepcopy(m) for name, m in modules.items()})
+        self.module = copies.requires_grad_(False).float().eval()
+
+    def on(self, device) -> nn.ModuleDict:
+        """The copy, moved to ``device`` the first time it is needed there."""
+        if next(self.module.parameters()).device != torch.device(device):
+            self.module.to(device)
+        return self.module
+
+    @torch.no_grad()
+    def update(self, query: list[torch.Tensor], momentum: float, owner: str) -> None:
+        """k <- m k + (1 - m) q, parameter by parameter in the copy's float32; ``query`` are the
+        live parameters in the copy's order.
+
+        Raises:
+            ValueError: naming ``owner`` under ZeRO-3, whose partitions hide whole parameters.
+        """
+        if hasattr(query[0], "ds_id"):
+            raise ValueError(
+                f"{owner}'s momentum encoder reads whole parameters, which ZeRO-3 partitions; "
+                "use engine.zero_stage=1 or 2"
+            )
+        key = self.on(query[0].device)
+        for k, q in zip(key.parameters(), query, strict=True):
+            k.lerp_(q.detach().to(k.dtype), 1 - momentum)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
+@torch.no_grad()
+def enqueue_everywhere(queue: KeyQueue, keys: torch.Tensor, present: torch.Tensor) -> None:
+    """Every rank's keys [B, E] of present samples enter ``queue`` (the same on every rank)."""
+    everywhere = gather_with_grad(present.float()) > 0  # [world * B]
+    queue.enqueue(gather_with_grad(keys)[everywhere])

@@ -17,16 +17,20 @@ and needs a time series; this objective needs only single-date shards.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoforge.launch.distributed import gather_with_grad
 from eoforge.models.vit import SpectralViT
-from eoforge.pretrain.contrastive import KeyQueue, embedding_health, info_nce, pool
-from eoforge.pretrain.seasonal import Augmentation, Unregistered
+from eoforge.pretrain.contrastive import (
+    KeyQueue,
+    MomentumCopy,
+    embedding_health,
+    enqueue_everywhere,
+    info_nce,
+    pool,
+)
+from eoforge.pretrain.seasonal import Augmentation
 from eoforge.pretrain.views import present_mask, sensor_views
 
 
@@ -45,8 +49,8 @@ class InstanceContrast(nn.Module):
 
     Every single-date view of the batch is contrasted on its own (one sensor per micro-batch is
     the reader's default); samples whose ``present`` is False count in no loss and enter no queue.
-    The momentum copy is held as SeCo holds it (``seasonal.SeasonalContrast``): outside the module
-    tree, in float32, saved through the module's extra state; ZeRO-3 is refused.
+    The momentum copy (``contrastive.MomentumCopy``) is held outside the module tree, in float32,
+    and saved through the module's extra state; ZeRO-3 is refused.
 
     Args:
         encoder: a SpectralViT (any tokenizer).
@@ -113,8 +117,7 @@ class InstanceContrast(nn.Module):
         # MoCo-v2 head: Linear -> ReLU -> Linear.
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
         self.queue = KeyQueue(queue_size, proj_dim)
-        key = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)})
-        self._key = Unregistered(key.requires_grad_(False).float().eval())
+        self._key = MomentumCopy({"encoder": encoder, "head": self.head})
 
     @property
     def key_model(self) -> nn.ModuleDict:
@@ -163,7 +166,7 @@ class InstanceContrast(nn.Module):
             self.head(pool(self._encode(self.encoder, self.augment(images), view))), dim=-1
         )
         with torch.no_grad():
-            key = self._key_on(images.device)
+            key = self._key.on(images.device)
             z_k = F.normalize(
                 key["head"](pool(self._encode(key["encoder"], self.augment(images), view))), dim=-1
             )
@@ -171,7 +174,7 @@ class InstanceContrast(nn.Module):
         negatives = self.queue.keys.clone()  # [Q, E]
         loss = info_nce(z_q, z_k, negatives, self.temperature, present.float())
         if self.training:
-            self._enqueue(z_k, present)
+            enqueue_everywhere(self.queue, z_k, present)
         cosine = (z_q.detach().float() * z_k.float()).sum(-1).mean()
         return loss, cosine, embedding_health(z_q[present])
 
@@ -180,28 +183,7 @@ class InstanceContrast(nn.Module):
         tokens = encoder.tokenize(images, view["band_ids"], view["wavelengths"], view.get("gsd"))
         return encoder.encode(tokens)
 
-    def _key_on(self, device) -> nn.ModuleDict:
-        """The key model, moved to ``device`` the first time it is needed there."""
-        key = self.key_model
-        if next(key.parameters()).device != torch.device(device):
-            key.to(device)
-        return key
-
-    @torch.no_grad()
     def _momentum_update(self) -> None:
-        """k <- m k + (1 - m) q over encoder and head, in the key model's float32."""
+        """k <- m k + (1 - m) q over encoder and head (``contrastive.MomentumCopy``)."""
         query = [*self.encoder.parameters(), *self.head.parameters()]
-        if hasattr(query[0], "ds_id"):
-            raise ValueError(
-                "instance_contrast's momentum encoder reads whole parameters, which ZeRO-3 "
-                "partitions; use engine.zero_stage=1 or 2"
-            )
-        key = self._key_on(query[0].device)
-        for k, q in zip(key.parameters(), query, strict=True):
-            k.lerp_(q.detach().to(k.dtype), 1 - self.momentum)
-
-    @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor, present: torch.Tensor) -> None:
-        """Every rank's keys of present samples enter the queue (the same on every rank)."""
-        everywhere = gather_with_grad(present.float()) > 0  # [world * B]
-        self.queue.enqueue(gather_with_grad(keys)[everywhere])
+        self._key.update(query, self.momentum, self.name)

@@ -19,7 +19,6 @@ the InfoNCE at temperature tau.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -27,9 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoforge.launch.distributed import gather_with_grad
 from eoforge.models.vit import SpectralViT
-from eoforge.pretrain.contrastive import KeyQueue, embedding_health, info_nce, pool
+from eoforge.pretrain.contrastive import (
+    KeyQueue,
+    MomentumCopy,
+    embedding_health,
+    enqueue_everywhere,
+    info_nce,
+    pool,
+)
 from eoforge.pretrain.views import present_mask
 
 # What each head's embedding is invariant to, in SeCo's order (head i's positive is key k_i).
@@ -89,14 +94,6 @@ class Augmentation:
             images, grid, mode="bilinear", padding_mode="border", align_corners=False
         )
         return out + self.shift.to(images.dtype)[:, None, None, None]
-
-
-class Unregistered:
-    """Holds a module outside its owner: not in ``parameters()``, ``state_dict()``, ``.to()``
-    or dtype casts (the owner saves it through its extra state instead)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
 
 
 class SeasonalContrast(nn.Module):
@@ -164,8 +161,7 @@ class SeasonalContrast(nn.Module):
             nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim)) for _ in HEADS
         )
         self.queues = nn.ModuleList(KeyQueue(queue_size, proj_dim) for _ in HEADS)
-        key = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "heads": copy.deepcopy(self.heads)})
-        self._key = Unregistered(key.requires_grad_(False).float().eval())
+        self._key = MomentumCopy({"encoder": encoder, "heads": self.heads})
 
     @property
     def key_model(self) -> nn.ModuleDict:
@@ -229,7 +225,7 @@ class SeasonalContrast(nn.Module):
 
         v_q = pool(self._encode(self.encoder, aug_q(own), view, t_own))  # [B, D]
         with torch.no_grad():
-            key = self._key_on(device)
+            key = self._key.on(device)
             keys = torch.cat([aug_0(other), aug_q(other), aug_2(own)])  # k0, k1, k2: [3B, C, H, W]
             key_times = None if time is None else torch.cat([t_other, t_other, t_own])
             v_k = pool(self._encode(key["encoder"], keys, view, key_times, copies=3)).chunk(3)
@@ -262,29 +258,12 @@ class SeasonalContrast(nn.Module):
             gsd = gsd.repeat(copies) if torch.is_tensor(gsd) and gsd.dim() == 1 else gsd
         return encoder.encode(encoder.tokenize(images, view["band_ids"], wavelengths, gsd, time))
 
-    def _key_on(self, device) -> nn.ModuleDict:
-        """The key model, moved to ``device`` the first time it is needed there."""
-        key = self.key_model
-        if next(key.parameters()).device != torch.device(device):
-            key.to(device)
-        return key
-
-    @torch.no_grad()
     def _momentum_update(self) -> None:
-        """k <- m k + (1 - m) q over encoder and heads, in the key model's float32."""
+        """k <- m k + (1 - m) q over encoder and heads (``contrastive.MomentumCopy``)."""
         query = [*self.encoder.parameters(), *self.heads.parameters()]
-        if hasattr(query[0], "ds_id"):
-            raise ValueError(
-                "seasonal_contrast's momentum encoder reads whole parameters, which ZeRO-3 "
-                "partitions; use engine.zero_stage=1 or 2"
-            )
-        key = self._key_on(query[0].device)
-        for k, q in zip(key.parameters(), query, strict=True):
-            k.lerp_(q.detach().to(k.dtype), 1 - self.momentum)
+        self._key.update(query, self.momentum, self.name)
 
-    @torch.no_grad()
     def _enqueue(self, keys: list[torch.Tensor], present: torch.Tensor) -> None:
         """Every rank's keys of present samples enter each head's queue (same on every rank)."""
-        everywhere = gather_with_grad(present.float()) > 0  # [world * B]
         for queue, k in zip(self.queues, keys, strict=True):
-            queue.enqueue(gather_with_grad(k)[everywhere])
+            enqueue_everywhere(queue, k, present)
