@@ -106,7 +106,7 @@ def test_the_shipped_eurosat_best_config_is_the_scored_recipe():
     from eoforge.pretrain.config import find_config
 
     shipped = yaml.safe_load(find_config("eurosat_best").read_text())
-    recipe = efficiency.RECIPE
+    recipe = efficiency.configure(efficiency.BEST)
     for key in ("model", "objective", "steps"):
         assert shipped[key] == recipe[key], key
     for key in ("batch_size", "sensor_weights", "shuffle_buffer"):
