@@ -258,8 +258,9 @@ def discover_scenes(
     files = find_files(root, pattern, extensions)
     if not files:
         where = f" matching pattern {pattern!r}" if pattern else ""
+        kind = "GeoTIFF/JP2" if tuple(extensions) == EXTENSIONS else "raster"
         raise DataError(
-            f"no raster files{where} in {root} (extensions {', '.join(extensions)}, any case); "
+            f"no {kind} files{where} in {root} (extensions {', '.join(extensions)}, any case); "
             "check the folder" + (" and --pattern" if pattern else "")
         )
     groups: dict[tuple[Path, str], list[tuple[Band, Path]]] = {}

@@ -102,7 +102,7 @@ def test_a_stopped_run_continues_with_the_missing_cells_only(
     encoded = []
     real = bench.prepare_split
     monkeypatch.setattr(
-        bench, "prepare_split", lambda *a: encoded.append((a[0]["name"], *a[1:3])) or real(*a)
+        bench, "prepare_split", lambda *a: encoded.append((a[1]["name"], *a[2:4])) or real(*a)
     )
     second = run(suite_file, release, out)
     last = json.loads(lines[-1])

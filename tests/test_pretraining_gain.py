@@ -231,7 +231,11 @@ def test_smoke_repeats_exactly_in_another_work_folder(smoke, sample_data, tmp_pa
     again, _ = run_smoke(sample_data, tmp_path / "out", "--work", str(tmp_path / "a" / "work"))
     first, _ = smoke
     assert again["pretrain"]["losses"] == first["pretrain"]["losses"]
-    assert again["cells"] == first["cells"]
+
+    def measured(cells):  # every field but the feature extraction's speed, a timing
+        return [{k: v for k, v in c.items() if k != "feature_images_per_s"} for c in cells]
+
+    assert measured(again["cells"]) == measured(first["cells"])
 
 
 @pytest.mark.slow
