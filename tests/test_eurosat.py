@@ -102,12 +102,14 @@ def test_seeds_draw_labels_and_never_move_the_test_split(sample_data, rgb_10):
     assert first.test_ids == second.test_ids and first.train_ids != second.train_ids
     for split in rgb_10:
         assert np.bincount(split.y_train).tolist() == [10] * 10
-    test_scenes = {i.rsplit("/", 1)[-1].removesuffix(".jpg") for i in first.test_ids}
-    all_train = load_eurosat(sample_data / RGB, seed=0)
-    assert all_train.test_ids == first.test_ids
-    assert not test_scenes & {
-        i.rsplit("/", 1)[-1].removesuffix(".jpg") for i in all_train.train_ids
-    }
+    # The test images are exactly the split's test scenes; the labels come from the others.
+    ids = [scene_id(p) for p in find_images(sample_data / RGB)[2]]
+    test_scenes = {i for i, s in zip(ids, scene_splits(ids), strict=True) if s == "test"}
+    assert {i.rsplit("/", 1)[-1].removesuffix(".jpg") for i in first.test_ids} == test_scenes
+    for split in rgb_10:
+        assert not test_scenes & {
+            i.rsplit("/", 1)[-1].removesuffix(".jpg") for i in split.train_ids
+        }
     with pytest.raises(
         DataError, match=r"class Pasture has \d+ training images, fewer than labels_per_class=60"
     ):
