@@ -464,7 +464,7 @@ def _data_build_eurosat(args) -> int:
         "--time-window-days": args.time_window_days,
         "--max-cloud-fraction": args.max_cloud_fraction,
     }
-    unused = [name for name, value in given.items() if value not in (None, False)]
+    unused = _given(given)
     if unused:
         raise DataError(
             f"--layout eurosat declares the bands and reads every image; drop {', '.join(unused)}"
@@ -491,6 +491,11 @@ def _data_build_eurosat(args) -> int:
     return 0
 
 
+def _given(flags: dict[str, object]) -> list[str]:
+    """The flags of ``flags`` (name -> parsed value) that the command line set."""
+    return [name for name, value in flags.items() if value not in (None, False)]
+
+
 def _print_quality(summary: dict) -> None:
     quality = summary["quality"]
     dropped = quality["tiles_dropped"]
@@ -515,7 +520,7 @@ def _data_build_cube(args) -> int:
         "--time-window-days": args.time_window_days,
         "--drop-lone-partners": args.drop_lone_partners,
     }
-    unused = [name for name, value in given.items() if value not in (None, False)]
+    unused = _given(given)
     if unused:
         raise DataError(
             f"{', '.join(unused)} do(es) not apply to datacubes, which are read on their own grid "
