@@ -239,6 +239,25 @@ class MomentumCopy:
         self.module.load_state_dict(state)
 
 
+class HoldsMomentumCopy:
+    """Mixin of an ``nn.Module`` whose ``_key`` is a ``MomentumCopy``: exposes it as
+    ``key_model`` and saves it through the module's extra state (the ``..._extra_state`` entry
+    of ``state_dict()``, which DeepSpeed checkpoints store)."""
+
+    _key: MomentumCopy
+
+    @property
+    def key_model(self) -> nn.ModuleDict:
+        """The momentum copy (not a submodule)."""
+        return self._key.module
+
+    def get_extra_state(self) -> dict:
+        return {"key_model": self._key.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._key.load_state_dict(state["key_model"])
+
+
 @torch.no_grad()
 def enqueue_everywhere(queue: KeyQueue, keys: torch.Tensor, present: torch.Tensor) -> None:
     """Every rank's keys [B, E] of present samples enter ``queue`` (the same on every rank)."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from eoforge.models.vit import SpectralViT
 from eoforge.pretrain.contrastive import (
+    HoldsMomentumCopy,
     KeyQueue,
     MomentumCopy,
     embedding_health,
@@ -44,7 +45,7 @@ def jitter_bands(images: torch.Tensor, gain: float, p_mean: float) -> torch.Tens
     return torch.where(grey, out.mean(dim=1, keepdim=True).expand_as(out), out)
 
 
-class InstanceContrast(nn.Module):
+class InstanceContrast(HoldsMomentumCopy, nn.Module):
     """MoCo-v2 over the shared encoder (module docstring).
 
     Every single-date view of the batch is contrasted on its own (one sensor per micro-batch is
@@ -118,17 +119,6 @@ class InstanceContrast(nn.Module):
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
         self.queue = KeyQueue(queue_size, proj_dim)
         self._key = MomentumCopy({"encoder": encoder, "head": self.head})
-
-    @property
-    def key_model(self) -> nn.ModuleDict:
-        """The momentum copy {"encoder", "head"} (not a submodule)."""
-        return self._key.module
-
-    def get_extra_state(self) -> dict:
-        return {"key_model": self.key_model.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.key_model.load_state_dict(state["key_model"])
 
     def forward(self, batch: dict, preview: bool = False) -> dict:
         """{"loss", "positive_cosine", "collapse/std", "collapse/mean_cosine"} over the batch's

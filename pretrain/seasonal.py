@@ -28,6 +28,7 @@ from torch import nn
 
 from eoforge.models.vit import SpectralViT
 from eoforge.pretrain.contrastive import (
+    HoldsMomentumCopy,
     KeyQueue,
     MomentumCopy,
     embedding_health,
@@ -96,7 +97,7 @@ class Augmentation:
         return out + self.shift.to(images.dtype)[:, None, None, None]
 
 
-class SeasonalContrast(nn.Module):
+class SeasonalContrast(HoldsMomentumCopy, nn.Module):
     """SeCo's seasonal contrast over the shared encoder (see module docstring; SPECS O6).
 
     The batch holds an optical sensor as a time series: ``image`` [B, T, C, H, W] with T >= 2,
@@ -162,17 +163,6 @@ class SeasonalContrast(nn.Module):
         )
         self.queues = nn.ModuleList(KeyQueue(queue_size, proj_dim) for _ in HEADS)
         self._key = MomentumCopy({"encoder": encoder, "heads": self.heads})
-
-    @property
-    def key_model(self) -> nn.ModuleDict:
-        """The momentum copy {"encoder", "heads"} (not a submodule)."""
-        return self._key.module
-
-    def get_extra_state(self) -> dict:
-        return {"key_model": self.key_model.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.key_model.load_state_dict(state["key_model"])
 
     def forward(self, batch: dict, preview: bool = False) -> dict:
         """{"loss", "loss/invariant_<all|season|augmentation>", "collapse/std",
