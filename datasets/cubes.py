@@ -339,7 +339,7 @@ def build_cube_shards(
                 if valid.mean() < min_valid:
                     summary["tiles_skipped"] += 1
                     continue
-                if not quality.check(window, valid):
+                if not quality.keeps(window, valid):
                     continue
                 key = unique_key(f"{scene.sensor}_{scene.name}_r{row}_c{col}", keys)
                 stored = stored_array(image, valid, scene.source)

@@ -130,7 +130,7 @@ def build_shards(
             scenes, desc=f"shards {sensor.name}", unit="scene", disable=not progress
         ):
             scene = read_scene(source, gsd=gsd)
-            if not check_invalid(scene, summary):
+            if not keep_scene(scene, summary):
                 continue
             for row in band_table(scene.bands):
                 bands_seen.setdefault(row["band_id"], row)
@@ -139,7 +139,7 @@ def build_shards(
                 if valid.mean() < min_valid:
                     summary["tiles_skipped"] += 1
                     continue
-                if not quality.check(window, valid):
+                if not quality.keeps(window, valid):
                     continue
                 key = unique_key(f"{scene.sensor}_{scene.name}_r{window[0]}_c{window[1]}", keys)
                 stored = stored_array(image, valid, scene.source)
@@ -256,8 +256,9 @@ def _existing_outputs(out: Path) -> list[Path]:
     ]
 
 
-def check_invalid(scene: Scene, summary: dict) -> bool:
-    """Counts and reports invalid pixels; False when the scene has no valid pixel at all."""
+def keep_scene(scene: Scene, summary: dict) -> bool:
+    """Whether to keep ``scene``: False when it has no valid pixel at all. Its invalid pixels are
+    counted in ``summary`` and reported either way."""
     invalid = int(scene.valid.size - np.count_nonzero(scene.valid))
     if invalid == scene.valid.size:
         summary["scenes_skipped"] += 1

@@ -54,7 +54,7 @@ from eoforge.datasets.geotiff import (
 )
 from eoforge.datasets.ingest import (
     check_build_options,
-    check_invalid,
+    keep_scene,
     stored_array,
     unique_key,
     write_shard_folder,
@@ -468,13 +468,13 @@ def build_paired_shards(
         for group in tqdm(groups, desc="shards", unit="group", disable=not progress):
             scene = read_group(group, gsd=gsd)
             first = scene.scenes[group.anchor][0]
-            if not check_invalid(first, summary):
+            if not keep_scene(first, summary):
                 continue
             quality.start_scene(group.members[group.anchor][0].source, first)
             for sensor, read in scene.scenes.items():
                 for one in (s for s in read if s is not first):
                     if one.valid.any():
-                        check_invalid(one, summary)
+                        keep_scene(one, summary)
                     else:
                         warnings.warn(
                             f"{one.source}: no valid pixel on the grid of {group.name}; "
@@ -556,7 +556,7 @@ def _group_tiles(
             if anchor_valid.mean() < min_valid:
                 summary["tiles_skipped"] += 1
                 continue
-            if not quality.check(window, anchor_valid[0] if series else anchor_valid):
+            if not quality.keeps(window, anchor_valid[0] if series else anchor_valid):
                 continue
             # A sensor with no valid pixel in this tile is absent from it.
             views = {s: v for s, v in views.items() if v[1].any()}

@@ -202,7 +202,7 @@ class QualityFilter:
         for token in tokens:
             self.layers[token] = self.layers.get(token, 0) + 1
 
-    def check(self, window: tuple[int, int, int, int], valid: np.ndarray) -> bool:
+    def keeps(self, window: tuple[int, int, int, int], valid: np.ndarray) -> bool:
         """Whether to keep a tile of the current scene (and count it).
 
         Args:

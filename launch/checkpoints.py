@@ -105,7 +105,7 @@ def committed(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.glob("step_*") if p.is_dir())
 
 
-def check(path: Path) -> tuple[Checkpoint | None, str]:
+def inspect_checkpoint(path: Path) -> tuple[Checkpoint | None, str]:
     """(the checkpoint, "") if ``path`` is whole, else (None, why it is torn)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -136,7 +136,7 @@ def newest_whole(directory: str | Path, is_main: bool = True) -> Checkpoint | No
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)
     for path in reversed(committed(directory)):
-        found, why = check(path)
+        found, why = inspect_checkpoint(path)
         if found:
             pointer = directory / LATEST
             named = pointer.read_text().strip() if pointer.is_file() else found.tag

@@ -275,3 +275,19 @@ def to_device(batch, device):
     if isinstance(batch, list | tuple) and batch and torch.is_tensor(batch[0]):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+# engine.name of the pretraining config -> engine class; an engine beside DeepSpeed (e.g. PyTorch
+# FSDP2) takes the same keyword options and joins here.
+ENGINES = {"deepspeed": DeepSpeedEngine}
+
+
+def build_engine(name: str, module: nn.Module, **options) -> DeepSpeedEngine:
+    """The engine registered as ``name`` around ``module``, built with ``options``.
+
+    Raises:
+        ConfigError: for an unknown name, listing the known ones.
+    """
+    if name not in ENGINES:
+        raise ConfigError(f"engine.name={name!r}: known engines are {sorted(ENGINES)}")
+    return ENGINES[name](module, **options)

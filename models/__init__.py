@@ -2,7 +2,7 @@
 
 from eoforge.models import less, vit  # noqa: F401  (registers the ViT and LESS sizes)
 from eoforge.models.channel_groups import ChannelGroupPatchEmbed, MissingBandError
-from eoforge.models.hypernet import DynamicPatchEmbed
+from eoforge.models.dofa import DynamicPatchEmbed
 from eoforge.models.less import LessTokens, LessViT
 from eoforge.models.registry import create_model, list_models, register_model
 from eoforge.models.release import Release, ReleaseError, load_release, save_release, verify_release

@@ -19,7 +19,7 @@ DOFA (Xiong et al. 2024; ``dofa_v1.py`` / ``wave_dynamic_layer.py``), layout ``"
     the wavelength its DOFA recipe used (``{"band_id": ..., "wavelength": nm}``) to do the same.
   * Not a weight, but a difference in the tokens: DOFA's convolution pads by one pixel, so its
     patches sit one pixel up and left of the aligned patches eoforge cuts (see
-    ``eoforge.models.hypernet``). The kernels are DOFA's; the pixels they see are shifted by one.
+    ``eoforge.models.dofa``). The kernels are DOFA's; the pixels they see are shifted by one.
   * The kernel is reshaped per band ([C, p, p, D] -> [D, C, p, p]), the layout of DOFA's current
     code and weights. DOFA's first ``wave_dynamic_layer`` ``view``ed it straight to
     [D, C, p, p]; weights trained that way load, but their kernels mix bands and cannot be

@@ -22,10 +22,10 @@ from torch.utils.checkpoint import checkpoint
 
 from eoforge.models.attention import Block
 from eoforge.models.channel_groups import ChannelGroupPatchEmbed
-from eoforge.models.encodings import sincos_2d_gsd, sincos_2d_temporal
-from eoforge.models.hypernet import DynamicPatchEmbed
+from eoforge.models.dofa import DynamicPatchEmbed
 from eoforge.models.pos_embed import patch_grid
 from eoforge.models.registry import register_model
+from eoforge.models.sincos import sincos_2d_gsd, sincos_2d_temporal
 from eoforge.models.spectral import SpectrumAwarePatchEmbed
 from eoforge.models.spectral_adapter import SpectralAdapterPatchEmbed
 

@@ -121,6 +121,8 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
+    # The engine class (eoforge.launch.engine.ENGINES); the options below are its own.
+    name: str = "deepspeed"
     zero_stage: int = 2  # 1, 2 or 3
     # auto (GPU: bf16-autocast under ZeRO-1/2, bf16 under ZeRO-3; CPU: fp32), bf16 (DeepSpeed's
     # bf16 weights with fp32 master copies), fp16, fp32, or bf16-autocast (fp32 weights, bf16
@@ -165,6 +167,12 @@ class PretrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Impossible combinations fail here, before any process group starts, naming the key."""
+        from eoforge.launch.engine import ENGINES  # imports torch: only when a run is checked
+
+        if self.engine.name not in ENGINES:
+            raise ValueError(
+                f"engine.name={self.engine.name!r}: known engines are {sorted(ENGINES)}"
+            )
         if self.engine.zero_stage not in (1, 2, 3):
             raise ValueError(f"engine.zero_stage={self.engine.zero_stage}: must be 1, 2 or 3")
         if self.engine.precision not in ("auto", "bf16", "fp16", "fp32", "bf16-autocast"):

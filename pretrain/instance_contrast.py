@@ -31,7 +31,7 @@ from eoforge.pretrain.contrastive import (
     info_nce,
     pool,
 )
-from eoforge.pretrain.seasonal import Augmentation
+from eoforge.pretrain.seasonal_contrast import Augmentation
 from eoforge.pretrain.views import present_mask, sensor_views
 
 

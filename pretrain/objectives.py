@@ -26,10 +26,10 @@ OBJECTIVES = {
     "mae": "eoforge.pretrain.mae:MAE",
     "selective_mae": "eoforge.pretrain.selective_mae:SelectiveMAE",
     "hyper_mae": "eoforge.pretrain.hyper_mae:HyperMAE",
-    "multiscale_mae": "eoforge.pretrain.multiscale:MultiScaleMAE",
+    "multiscale_mae": "eoforge.pretrain.multiscale_mae:MultiScaleMAE",
     "croma": "eoforge.pretrain.croma:CROMA",
-    "seasonal_contrast": "eoforge.pretrain.seasonal:SeasonalContrast",
-    "mixup_mae": "eoforge.pretrain.mixup:MixupMAE",
+    "seasonal_contrast": "eoforge.pretrain.seasonal_contrast:SeasonalContrast",
+    "mixup_mae": "eoforge.pretrain.mixup_mae:MixupMAE",
     "instance_contrast": "eoforge.pretrain.instance_contrast:InstanceContrast",
 }
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eoforge.launch.checkpoints import check, committed, newest_whole
+from eoforge.launch.checkpoints import committed, inspect_checkpoint, newest_whole
 from eoforge.launch.config import save_config
 from eoforge.launch.distributed import (
     any_rank,
@@ -24,10 +24,10 @@ from eoforge.launch.distributed import (
     gather_objects,
     init_distributed,
 )
-from eoforge.launch.engine import DeepSpeedEngine, refuse_other_precision, resolve_precision
+from eoforge.launch.engine import build_engine, refuse_other_precision, resolve_precision
 from eoforge.launch.faults import kill_point, poison_loss
 from eoforge.launch.guards import NonFiniteGuard
-from eoforge.launch.logging import TensorBoard, get_logger, reconstruction_grid
+from eoforge.launch.run_logging import TensorBoard, get_logger, reconstruction_grid
 from eoforge.launch.rundir import RunDir
 from eoforge.launch.signals import StopRequest
 from eoforge.models import create_model
@@ -101,9 +101,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     global_batch = cfg.data.batch_size * dist_env.world_size * accumulation
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
     resume = newest_whole(run.checkpoints, is_main=dist_env.is_main)
-    # A checkpoint of another world size resumes through DeepSpeed's universal form.
+    # A checkpoint of another world size resumes through the engine's universal form.
     resized = resume is not None and resume.world_size not in (None, dist_env.world_size)
-    engine = DeepSpeedEngine(
+    engine = build_engine(
+        cfg.engine.name,
         objective,
         micro_batch=cfg.data.batch_size,
         lr=peak_lr,
@@ -233,7 +234,7 @@ def refuse_resume_in_other_precision(run: RunDir, engine: EngineConfig) -> None:
     """The newest whole checkpoint of ``run``, if any, must resume in ``engine``'s precision
     (``eoforge.launch.engine.refuse_other_precision``); checked without touching the run."""
     for path in reversed(committed(run.checkpoints)):
-        found, _ = check(path)
+        found, _ = inspect_checkpoint(path)
         if found:
             refuse_other_precision(found, resolve_precision(engine.precision, engine.zero_stage))
             return

@@ -17,7 +17,7 @@ from eoforge.pretrain.contrastive import KeyQueue, symmetric_info_nce
 from eoforge.pretrain.croma import CROMA
 from eoforge.pretrain.mae import random_masking
 from eoforge.pretrain.objectives import objective_class
-from eoforge.pretrain.seasonal import HEADS, SeasonalContrast, draw_seasons
+from eoforge.pretrain.seasonal_contrast import HEADS, SeasonalContrast, draw_seasons
 
 CROP = 32
 

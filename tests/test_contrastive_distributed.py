@@ -19,7 +19,7 @@ from eoforge.launch.distributed import free_port
 from eoforge.models import create_model
 from eoforge.pretrain import croma as croma_module
 from eoforge.pretrain.croma import CROMA
-from eoforge.pretrain.seasonal import SeasonalContrast
+from eoforge.pretrain.seasonal_contrast import SeasonalContrast
 
 WORLD = 2
 LOCAL = 3  # samples per rank

@@ -7,14 +7,14 @@ import datetime
 import pytest
 import torch
 
-from eoforge.models.encodings import (
+from eoforge.models.pos_embed import sincos_1d, sincos_2d
+from eoforge.models.sincos import (
     calendar,
     sincos_2d_gsd,
     sincos_2d_temporal,
     sincos_wavelength,
     temporal_encoding,
 )
-from eoforge.models.pos_embed import sincos_1d, sincos_2d
 
 LIKE = torch.zeros((), dtype=torch.float32)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eoforge.launch.logging import false_colour_bands, reconstruction_grid
+from eoforge.launch.run_logging import false_colour_bands, reconstruction_grid
 from eoforge.models import create_model
 from eoforge.models.spectral import patchify
 from eoforge.pretrain.mae import MAE, random_masking

@@ -9,7 +9,7 @@ import torch
 from real_batches import paired_s1s2_batch
 
 from eoforge.models import create_model
-from eoforge.pretrain.mixup import MixupMAE, mixup_choice
+from eoforge.pretrain.mixup_mae import MixupMAE, mixup_choice
 from eoforge.pretrain.objectives import objective_class
 
 CROP = 32

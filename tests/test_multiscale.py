@@ -9,7 +9,7 @@ import torch
 from real_batches import paired_s1s2_batch, s2_batch
 
 from eoforge.models import create_model
-from eoforge.pretrain.multiscale import MultiScaleHead, MultiScaleMAE, downsample
+from eoforge.pretrain.multiscale_mae import MultiScaleHead, MultiScaleMAE, downsample
 from eoforge.pretrain.objectives import objective_class
 
 SIZE = 64  # 4 x patch 8 x a 2 x 2 grid at the encoder's input scale

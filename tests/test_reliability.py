@@ -304,7 +304,7 @@ def check_universal_load(checkpoint: Path, cache: Path) -> None:
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from eoforge.launch.checkpoints import check
+from eoforge.launch.checkpoints import inspect_checkpoint
 from eoforge.launch.distributed import DistEnv, free_port, init_distributed
 from eoforge.launch.engine import DeepSpeedEngine
 from eoforge.launch.config import load_config
@@ -313,7 +313,7 @@ from eoforge.pretrain.config import PretrainConfig
 from eoforge.pretrain.objectives import build_objective
 
 init_distributed(DistEnv(0, 1, 0, "127.0.0.1", free_port()))
-checkpoint, _ = check(__import__("pathlib").Path({str(checkpoint)!r}))
+checkpoint, _ = inspect_checkpoint(__import__("pathlib").Path({str(checkpoint)!r}))
 cfg = load_config(PretrainConfig, checkpoint.path.parents[1] / "config.yaml")
 torch.manual_seed(123)  # other initial weights: everything must come from the checkpoint
 objective = build_objective(cfg.objective, create_model(cfg.model.name, **cfg.model.kwargs))

@@ -15,7 +15,7 @@ from eoforge.models.channel_groups import (
     group_code_dim,
     normalise_band_name,
 )
-from eoforge.models.hypernet import DynamicPatchEmbed
+from eoforge.models.dofa import DynamicPatchEmbed
 from eoforge.models.pos_embed import sincos_1d, sincos_2d
 from eoforge.models.spectral import UnsupportedBandError
 from eoforge.models.spectral_adapter import MIN_BANDS, SpectralAdapterPatchEmbed

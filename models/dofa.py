@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoforge.models.encodings import sincos_wavelength
 from eoforge.models.pos_embed import sincos_2d
+from eoforge.models.sincos import sincos_wavelength
 from eoforge.models.spectral import MICROWAVE_MIN_NM, UnsupportedBandError
 
 WAVE_DIM = 128
