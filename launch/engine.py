@@ -2,8 +2,9 @@
 
 ``engine(batch) -> dict of losses``, ``engine.backward_step(loss)``, ``engine.set_lr(lr)``,
 ``engine.save(dir, step, client_state, keep_last)``, ``engine.load(checkpoint) -> client_state``,
-``engine.preview(batch)``, ``engine.grad_norm()``. Checkpoint folders, commits and resume
-selection live in ``eoforge.launch.checkpoints``.
+``engine.preview(batch)``, ``engine.grad_norm()``, ``engine.full_parameters(params)`` (whole
+parameters for an objective's hook after each optimizer step). Checkpoint folders, commits and
+resume selection live in ``eoforge.launch.checkpoints``.
 
 ``DeepSpeedEngine`` is the production path: ZeRO stage 1/2/3, bf16/fp16/fp32 or fp32 weights
 with bf16 autocast, gloo on CPU and NCCL on GPU. The optimizer is a torch AdamW handed to
@@ -13,6 +14,7 @@ fresh machine for no gain here).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -181,6 +183,18 @@ class DeepSpeedEngine:
         """Global gradient norm of the last step (a host sync: call at logging intervals)."""
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def full_parameters(self, params: list[nn.Parameter]) -> AbstractContextManager:
+        """A context in which ``params`` hold their whole values, to read only.
+
+        Under ZeRO-3 each rank holds a partition of every parameter: this gathers them
+        (``deepspeed.zero.GatheredParameters``, a collective: every rank enters it with the same
+        parameters) and partitions them again on exit, discarding changes. Under ZeRO-1/2 the
+        parameters are whole already.
+        """
+        if self.zero_stage != 3:
+            return nullcontext()
+        return import_deepspeed().zero.GatheredParameters(params)
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -216,21 +218,25 @@ class MomentumCopy:
         return self.module
 
     @torch.no_grad()
-    def update(self, query: list[torch.Tensor], momentum: float, owner: str) -> None:
-        """k <- m k + (1 - m) q, parameter by parameter in the copy's float32; ``query`` are the
-        live parameters in the copy's order.
+    def update(
+        self,
+        query: list[torch.Tensor],
+        momentum: float,
+        full_parameters: Callable[[list], AbstractContextManager] = nullcontext,
+    ) -> None:
+        """k <- m k + (1 - m) q, parameter by parameter in the copy's float32.
 
-        Raises:
-            ValueError: naming ``owner`` under ZeRO-3, whose partitions hide whole parameters.
+        Args:
+            query: the live parameters, in the copy's order.
+            momentum: m.
+            full_parameters: a context in which ``query`` reads whole (the engine's
+                ``full_parameters``, which gathers ZeRO-3's partitions; outside an engine the
+                parameters are whole).
         """
-        if hasattr(query[0], "ds_id"):
-            raise ValueError(
-                f"{owner}'s momentum encoder reads whole parameters, which ZeRO-3 partitions; "
-                "use engine.zero_stage=1 or 2"
-            )
-        key = self.on(query[0].device)
-        for k, q in zip(key.parameters(), query, strict=True):
-            k.lerp_(q.detach().to(k.dtype), 1 - momentum)
+        with full_parameters(query):
+            key = self.on(query[0].device)
+            for k, q in zip(key.parameters(), query, strict=True):
+                k.lerp_(q.detach().to(k.dtype), 1 - momentum)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
@@ -240,11 +246,26 @@ class MomentumCopy:
 
 
 class HoldsMomentumCopy:
-    """Mixin of an ``nn.Module`` whose ``_key`` is a ``MomentumCopy``: exposes it as
-    ``key_model`` and saves it through the module's extra state (the ``..._extra_state`` entry
-    of ``state_dict()``, which DeepSpeed checkpoints store)."""
+    """Mixin of an ``nn.Module`` whose ``_key`` is a ``MomentumCopy`` of its submodules of the
+    same names: exposes it as ``key_model``, updates it once per optimizer step with momentum
+    ``current_momentum`` (``after_optimizer_step``, the training loop's hook) and saves it
+    through the module's extra state (the ``..._extra_state`` entry of ``state_dict()``, which
+    DeepSpeed checkpoints store)."""
 
     _key: MomentumCopy
+    momentum: float
+
+    @property
+    def current_momentum(self) -> float:
+        """m of the next update (constant unless the objective schedules it)."""
+        return self.momentum
+
+    def after_optimizer_step(
+        self, full_parameters: Callable[[list], AbstractContextManager] = nullcontext
+    ) -> None:
+        """k <- m k + (1 - m) q over every copied module, after the optimizer has stepped."""
+        live = [p for name in self._key.module for p in getattr(self, name).parameters()]
+        self._key.update(live, self.current_momentum, full_parameters)
 
     @property
     def key_model(self) -> nn.ModuleDict:

@@ -51,7 +51,8 @@ class InstanceContrast(HoldsMomentumCopy, nn.Module):
     Every single-date view of the batch is contrasted on its own (one sensor per micro-batch is
     the reader's default); samples whose ``present`` is False count in no loss and enter no queue.
     The momentum copy (``contrastive.MomentumCopy``) is held outside the module tree, in float32,
-    and saved through the module's extra state; ZeRO-3 is refused.
+    saved through the module's extra state, and updated once per optimizer step by the training
+    loop's hook (``after_optimizer_step``; under ZeRO-3 it reads the parameters gathered whole).
 
     Args:
         encoder: a SpectralViT (any tokenizer).
@@ -132,8 +133,6 @@ class InstanceContrast(HoldsMomentumCopy, nn.Module):
                 f"instance_contrast contrasts single-date images [B, C, H, W]; the views of "
                 f"{[s for s, _ in sensor_views(batch)]} are time series (seasonal_contrast)"
             )
-        if self.training:
-            self._momentum_update()
         losses, cosines, health = zip(*(self.view_loss(view) for _, view in views), strict=True)
         return {
             "loss": torch.stack(losses).mean(),
@@ -172,8 +171,3 @@ class InstanceContrast(HoldsMomentumCopy, nn.Module):
         """Encoder features [B, 1 + N, D] of augmented images [B, C, H, W]."""
         tokens = encoder.tokenize(images, view["band_ids"], view["wavelengths"], view.get("gsd"))
         return encoder.encode(tokens)
-
-    def _momentum_update(self) -> None:
-        """k <- m k + (1 - m) q over encoder and head (``contrastive.MomentumCopy``)."""
-        query = [*self.encoder.parameters(), *self.head.parameters()]
-        self._key.update(query, self.momentum, self.name)

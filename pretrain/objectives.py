@@ -5,7 +5,10 @@ An objective is an ``nn.Module`` built as ``Objective(encoder, **kwargs)`` whose
 masking, targets, decoders and heads. With ``preview=True`` it returns reconstruction images
 (``{sensor: {"input", "masked", "reconstruction", "band_ids", "wavelengths"}}``) or ``{}`` when it
 has none. An objective with a schedule defines ``set_progress(fraction)``; the loop calls it with
-step / total steps before every step.
+step / total steps before every step. An objective holding an exponential moving average
+(a momentum or target encoder) defines ``after_optimizer_step(full_parameters)``; the loop calls
+it once after each optimizer step (not after each micro-batch), with the engine's
+``full_parameters`` context, under which ZeRO-3's partitioned parameters read whole.
 
 Several objectives compose as a weighted sum over one shared encoder (``Composite``): each term keeps
 its own decoders and heads, the encoder's parameters receive the summed gradient.
@@ -128,6 +131,11 @@ class Composite(nn.Module):
         for term in self.terms.values():
             if hasattr(term, "set_progress"):
                 term.set_progress(fraction)
+
+    def after_optimizer_step(self, full_parameters) -> None:
+        for term in self.terms.values():
+            if hasattr(term, "after_optimizer_step"):
+                term.after_optimizer_step(full_parameters)
 
     def forward(self, batch: dict, preview: bool = False) -> dict:
         if preview:

@@ -104,15 +104,17 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
     optional ``time`` [B, T]. Samples whose ``present`` is False count in no loss and enter no
     queue.
 
-    Momentum key encoder: a deep copy of the encoder and heads, updated in ``forward`` (training
-    mode) as ``k = m k + (1 - m) q`` before the keys are computed. It is held outside the module
+    Momentum key encoder: a deep copy of the encoder and heads, updated as ``k = m k + (1 - m) q``
+    once per optimizer step (``after_optimizer_step``, which the training loop calls; with
+    gradient accumulation an update per micro-batch would give momentum m^A, and MoCo's update
+    before the keys of the next step is the same thing). It is held outside the module
     tree, so the optimiser never sees it, ZeRO never partitions or casts it (the EMA stays in
     float32 under bf16: a 0.1% update would round away in bf16), and engines move it lazily to
     the encoder's device. It is saved and restored through the module's extra state
     (``get_extra_state``/``set_extra_state``, the ``..._extra_state`` entry of ``state_dict()``):
     DeepSpeed ZeRO-1/2 checkpoints store the module's state dict, so a resumed run continues
-    with the same key encoder. Queues are buffers and are checkpointed as such. ZeRO-3 is
-    refused: the update reads whole query parameters, which ZeRO-3 partitions.
+    with the same key encoder. Queues are buffers and are checkpointed as such. Under ZeRO-3 the
+    update reads the query parameters whole through the engine's ``full_parameters``.
 
     Args:
         encoder: a SpectralViT (any tokenizer).
@@ -179,8 +181,6 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
                 f"seasonal_contrast needs a time series view (image [B, T, C, H, W]); the "
                 f"views of {sensors} are single-date"
             )
-        if self.training:
-            self._momentum_update()
         per_view, health = zip(
             *(self.view_losses(sensor, view) for sensor, view in series), strict=True
         )  # each [heads], {statistic}
@@ -247,11 +247,6 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
             wavelengths = wavelengths.repeat(copies, 1) if wavelengths.dim() == 2 else wavelengths
             gsd = gsd.repeat(copies) if torch.is_tensor(gsd) and gsd.dim() == 1 else gsd
         return encoder.encode(encoder.tokenize(images, view["band_ids"], wavelengths, gsd, time))
-
-    def _momentum_update(self) -> None:
-        """k <- m k + (1 - m) q over encoder and heads (``contrastive.MomentumCopy``)."""
-        query = [*self.encoder.parameters(), *self.heads.parameters()]
-        self._key.update(query, self.momentum, self.name)
 
     def _enqueue(self, keys: list[torch.Tensor], present: torch.Tensor) -> None:
         """Every rank's keys of present samples enter each head's queue (same on every rank)."""

@@ -177,6 +177,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 window_losses.append(loss.detach())
                 done += 1
             step += 1
+            # Once per optimizer step, not per micro-batch: an EMA updated on each of A
+            # micro-batches would move with momentum m^A.
+            if hasattr(objective, "after_optimizer_step"):
+                objective.after_optimizer_step(engine.full_parameters)
             kill_point("kill", step, dist_env.rank)
 
             if step % cfg.log_every == 0 or step == cfg.steps:

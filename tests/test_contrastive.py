@@ -279,6 +279,8 @@ def test_momentum_encoder_is_outside_the_optimiser_and_saved(seasonal):
     torch.manual_seed(0)
     seco(seasonal)
     k1 = key["encoder"].blocks[0].attn.qkv.weight
+    assert torch.equal(k1, k0)  # a forward pass leaves the copy alone
+    seco.after_optimizer_step()  # the training loop's hook, once per optimizer step
     assert torch.allclose(k1, 0.9 * k0 + 0.1 * (q0 + 1.0), atol=1e-6)  # EMA, m = 0.9
     assert seco.queues[0].ptr.item() == 8  # two steps of 4 keys enqueued
     # Saved and restored with the module's state (what engine checkpoints store).

@@ -89,6 +89,8 @@ def test_momentum_copy_queue_and_state(batches):
         moco.encoder.blocks[0].attn.qkv.weight.add_(1.0)
     moco(batches["S2RGB8"])
     k1 = key["encoder"].blocks[0].attn.qkv.weight
+    assert torch.equal(k1, q0)  # a forward pass leaves the copy alone
+    moco.after_optimizer_step()  # the training loop's hook, once per optimizer step
     assert torch.allclose(k1, 0.9 * q0 + 0.1 * (q0 + 1.0), atol=1e-6)  # EMA, m = 0.9
     assert moco.queue.ptr.item() == 0  # two steps of 16 keys filled the queue of 32
     restored = _moco(momentum=0.9)
@@ -140,6 +142,7 @@ def test_loss_falls_on_real_images(sample_data):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        moco.after_optimizer_step()  # the training loop's hook
         losses.append(round(loss.item(), 3))
     # Step 0's negatives are the queue's random start; from step 1 on they are real keys.
     # Each query comes to pick its own key out of them.
