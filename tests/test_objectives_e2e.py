@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from real_batches import BEN, ENMAP, ENMAP_PATTERN, SSL4EO
 
 from eoforge.datasets.ingest import build_shards
@@ -109,6 +110,15 @@ CASES = {
         "vit_test_patch8",
         ["objective.kwargs.queue_size=16", "data.batch_size=1"],
     ),
+    "jepa": (
+        "s2",
+        "vit_test_patch8",
+        [
+            "objective.kwargs.predictor_dim=32",
+            "objective.kwargs.predictor_depth=1",
+            "objective.kwargs.predictor_heads=4",
+        ],
+    ),
 }
 
 
@@ -165,3 +175,42 @@ def test_composition_over_one_encoder_on_two_ranks(shards, cache, tmp_path):
         assert total[step] == pytest.approx(mae[step] + 0.5 * croma[step], rel=1e-5)
     card = json.loads((run / "release" / "card.json").read_text())
     assert card["objective"]["label"] == "mae+croma"
+
+
+def test_momentum_copy_moves_once_per_optimizer_step(shards, cache, tmp_path):
+    """instance_contrast with two micro-batches per optimizer step and m = 0.5: between the
+    checkpoints of steps 1 and 2 the key encoder moves once, k2 = m k1 + (1 - m) q2; an update
+    per micro-batch would give k2 = m^2 k1 + (1 - m^2) q1 (momentum m^2)."""
+    run = tmp_path / "accumulated"
+    eoforge(
+        [
+            "pretrain",
+            "--config",
+            "instance_contrast",
+            f"run_dir={run}",
+            "model.name=vit_test_patch8",
+            f"data.shards=[{shards['s2']}]",
+            *RUN,
+            "steps=2",
+            "save_every=1",
+            "image_every=2",
+            "engine.precision=fp32",
+            "optim.global_batch=4",  # 2 micro-batches of 2
+            "release.export=false",
+            "objective.kwargs.queue_size=16",
+            "objective.kwargs.momentum=0.5",
+        ],
+        cache,
+    )
+    states = [
+        torch.load(
+            run / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt",
+            weights_only=False,
+        )["module"]
+        for step in (1, 2)
+    ]
+    weight = "encoder.blocks.0.attn.qkv.weight"
+    k1, k2 = (state["_extra_state"]["key_model"][weight] for state in states)
+    q2 = states[1][weight]
+    assert not torch.allclose(k1, k2)
+    assert torch.allclose(k2, 0.5 * k1 + 0.5 * q2, atol=1e-6)
