@@ -32,7 +32,7 @@ from eoforge.pretrain.contrastive import (
     pool,
 )
 from eoforge.pretrain.seasonal_contrast import Augmentation
-from eoforge.pretrain.views import present_mask, sensor_views
+from eoforge.pretrain.views import present_mask, single_date_views
 
 
 def jitter_bands(images: torch.Tensor, gain: float, p_mean: float) -> torch.Tensor:
@@ -127,12 +127,7 @@ class InstanceContrast(HoldsMomentumCopy, nn.Module):
         ``{}`` (nothing to reconstruct)."""
         if preview:
             return {}
-        views = [(s, v) for s, v in sensor_views(batch) if v["image"].dim() == 4]
-        if not views:
-            raise ValueError(
-                f"instance_contrast contrasts single-date images [B, C, H, W]; the views of "
-                f"{[s for s, _ in sensor_views(batch)]} are time series (seasonal_contrast)"
-            )
+        views = single_date_views(batch, self.name)
         losses, cosines, health = zip(*(self.view_loss(view) for _, view in views), strict=True)
         return {
             "loss": torch.stack(losses).mean(),

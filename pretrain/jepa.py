@@ -32,7 +32,7 @@ from torch import nn
 from eoforge.models.attention import Block
 from eoforge.models.vit import LearnedToken, SpectralViT
 from eoforge.pretrain.contrastive import HoldsMomentumCopy, MomentumCopy, embedding_health, pool
-from eoforge.pretrain.views import present_mask, sensor_views
+from eoforge.pretrain.views import present_mask, single_date_views
 
 
 def block_size(
@@ -214,14 +214,8 @@ class JEPA(HoldsMomentumCopy, nn.Module):
         ``preview`` returns ``{}`` (nothing to reconstruct)."""
         if preview:
             return {}
-        views = [(s, v) for s, v in sensor_views(batch) if v["image"].dim() == 4]
-        if not views:
-            raise ValueError(
-                f"jepa predicts blocks of single-date images [B, C, H, W]; the views of "
-                f"{[s for s, _ in sensor_views(batch)]} are time series"
-            )
         out, losses, health = {}, [], []
-        for sensor, view in views:
+        for sensor, view in single_date_views(batch, self.name):
             loss, stats = self.view_loss(view)
             out[f"loss/{sensor}"] = loss.detach()
             losses.append(loss)

@@ -15,6 +15,22 @@ def sensor_views(batch: dict) -> list[tuple[str, dict]]:
     return [(k, v) for k, v in batch.items() if k != "meta"]
 
 
+def single_date_views(batch: dict, objective: str) -> list[tuple[str, dict]]:
+    """(sensor, view) for every single-date view (image [B, C, H, W]) of a batch.
+
+    Raises:
+        ValueError: naming ``objective`` and the sensors when every view is a time series.
+    """
+    views = [(s, v) for s, v in sensor_views(batch) if v["image"].dim() == 4]
+    if not views:
+        raise ValueError(
+            f"{objective} reads single-date images [B, C, H, W]; the views of "
+            f"{[s for s, _ in sensor_views(batch)]} are time series (seasonal_contrast trains "
+            "on those)"
+        )
+    return views
+
+
 def present_mask(view: dict) -> torch.Tensor:
     """bool [B]: which samples carry this view (all of them without a ``present`` entry)."""
     image = view["image"]

@@ -54,6 +54,26 @@ def eoforge(
     return result
 
 
+def torchrun_script(
+    script: str, args: list[str], cwd: Path, nproc: int = 2, timeout: int = 300
+) -> None:
+    """Run the Python file ``script`` with ``args`` on ``nproc`` CPU ranks under torchrun (gloo);
+    a failing rank fails the test with the tail of the output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        script,
+        *args,
+    ]
+    run = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     """{step: value} of a TensorBoard scalar across every events file of a run."""
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})

@@ -8,18 +8,17 @@ The test runs this file under torchrun; ``__main__`` below is the per-rank progr
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from eoforge.launch.distributed import free_port
 from eoforge.models import create_model
 from eoforge.pretrain import croma as croma_module
 from eoforge.pretrain.croma import CROMA
 from eoforge.pretrain.seasonal_contrast import SeasonalContrast
+
+from pretrain_runs import torchrun_script
 
 WORLD = 2
 LOCAL = 3  # samples per rank
@@ -139,19 +138,7 @@ def rank_main(out_path: str) -> None:
 
 def test_gathered_contrastive_loss_and_gradients_match_one_process(tmp_path, monkeypatch):
     out = tmp_path / "rank0.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        __file__,
-        str(out),
-    ]
-    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    torchrun_script(__file__, [str(out)], tmp_path, nproc=WORLD, timeout=120)
     ranks = torch.load(out)
 
     monkeypatch.setattr(croma_module, "random_masking", fixed_masking(slice(None)))

@@ -8,18 +8,17 @@ The distributed test runs this file under torchrun; ``__main__`` below is the pe
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from real_batches import s2_batch
 
-from eoforge.launch.distributed import free_port
 from eoforge.models import create_model
 from eoforge.pretrain.jepa import JEPA, block_size, multi_block_masks, patch_tokens
 from eoforge.pretrain.objectives import objective_class
+
+from pretrain_runs import torchrun_script
 
 WORLD = 2
 STAGES = (1, 2, 3)
@@ -184,19 +183,7 @@ def test_target_encoder_under_zero_1_2_3_on_two_ranks_resumes_exactly(tmp_path):
     """The EMA reads whole parameters under every stage (ZeRO-3 gathers them through the
     engine): the three stages end with the same target encoder, and each stage's checkpoint
     restores it bit for bit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        __file__,
-        str(tmp_path),
-    ]
-    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    torchrun_script(__file__, [str(tmp_path)], tmp_path, nproc=WORLD)
     results = torch.load(tmp_path / "rank0.pt")
     for stage in STAGES:
         assert results[stage]["exact"] and results[stage]["moved"], stage
