@@ -150,16 +150,6 @@ def load_change_pairs(
     )
 
 
-def load_taizhou(root: str | Path, **options) -> LabelledSplit:
-    """``load_change_pairs`` of the Taizhou scene (``root``: its folder or the parent)."""
-    return load_change_pairs(root, scene="taizhou", **options)
-
-
-def load_nanjing(root: str | Path, **options) -> LabelledSplit:
-    """``load_change_pairs`` of the Nanjing scene (``root``: its folder or the parent)."""
-    return load_change_pairs(root, scene="nanjing", **options)
-
-
 def _read_pair(root: Path, scene: str | None, sensor: str | None, bands) -> _Pair:
     if scene is None and (root / BEFORE).is_file():
         if sensor is None:

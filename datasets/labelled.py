@@ -1,10 +1,10 @@
 """Labelled evaluation splits: one split type for every downstream dataset, and its helpers.
 
-``LabelledSplit`` is what every evaluation adapter returns (``EVAL_DATASETS`` maps dataset names
-to them). Its images are normalised with the ``stats.json`` convention: clip every band to its
-[p1, p99] percentiles, scale to [0, 1], then z-score with the mean/std of the scaled values;
-statistics always come from the TRAIN split only, so nothing about the test images leaks into the
-normalisation.
+``LabelledSplit`` is what every evaluation adapter returns (``eoforge.datasets.eval_datasets``
+registers the adapters by dataset name). Its images are normalised with the ``stats.json``
+convention: clip every band to its [p1, p99] percentiles, scale to [0, 1], then z-score with the
+mean/std of the scaled values; statistics always come from the TRAIN split only, so nothing about
+the test images leaks into the normalisation.
 
 Tasks and label layouts:
 
@@ -23,9 +23,7 @@ dataset root, a patch id, a tile's pixel origin); the adapter's docstring says w
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,41 +331,3 @@ def ids_split_hash(train_ids: Sequence[str], test_ids: Sequence[str]) -> str:
         digest.update(f"{name}:{len(ids)}:".encode())
         digest.update("\n".join(ids).encode())
     return digest.hexdigest()
-
-
-def _lazy(module: str, name: str) -> Callable[..., object]:
-    """A loader that imports its adapter module on first call (optional dependencies such as
-    lmdb or torchgeo are then needed only by the datasets that use them)."""
-
-    def load(root: str | Path, **options):
-        return getattr(importlib.import_module(f"eoforge.datasets.{module}"), name)(root, **options)
-
-    load.__name__ = name
-    load.__doc__ = f"``eoforge.datasets.{module}.{name}(root, **options)``, imported on first use."
-    load.target = (module, name)
-    return load
-
-
-def loader_options(name: str) -> set[str]:
-    """The keyword options the loader of dataset ``name`` takes (imports its module)."""
-    module, function = EVAL_DATASETS[name].target
-    loader = getattr(importlib.import_module(f"eoforge.datasets.{module}"), function)
-    if function in ("load_taizhou", "load_nanjing"):
-        loader = importlib.import_module(f"eoforge.datasets.{module}").load_change_pairs
-    parameters = inspect.signature(loader).parameters
-    return {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY or n not in ("root",)}
-
-
-EVAL_DATASETS: dict[str, Callable[..., object]] = {
-    "indian_pines": _lazy("indian_pines", "load_indian_pines"),
-    "indian_pines_map": _lazy("indian_pines", "load_indian_pines_map"),
-    "eurosat": _lazy("eurosat", "load_eurosat"),
-    "bigearthnet": _lazy("bigearthnet", "load_bigearthnet"),
-    "change_pairs": _lazy("change_pairs", "load_change_pairs"),
-    "taizhou": _lazy("change_pairs", "load_taizhou"),
-    "nanjing": _lazy("change_pairs", "load_nanjing"),
-    "folder_csv": _lazy("folder_csv", "load_folder_csv"),
-    "torchgeo": _lazy("torchgeo_adapter", "load_torchgeo"),
-}
-"""Dataset name -> ``loader(root, **options)`` returning a ``LabelledSplit`` (Indian Pines: the
-``PixelSplit`` duck type)."""

@@ -10,9 +10,13 @@ A suite (YAML)::
          options: {window: 8, max_train: 600, max_test: 600}}
       - {id: eurosat_rgb_10, name: eurosat, root: ../shared/data/eurosat_rgb,
          options: {labels_per_class: 10}, encoders: [release, random_init]}
-    protocols: [linear, knn]          # frozen probes; also finetune, segmentation, change
+    protocols: [linear, knn]          # any of eoforge.finetune.protocols.PROTOCOLS
     encoders: [release, random_init, supervised]
     training: {epochs: 10, batch_size: 16}   # trained protocols and the supervised baseline
+
+``training`` takes the options of the trained protocols (``protocols.trained.TrainedOptions``)
+but ``seed``, which is each cell's; it is checked like them, and only the keys given are passed,
+so each protocol keeps its own defaults for the others.
 
 Each dataset entry is keyed by its ``id`` (default: its name; two entries without distinct ids
 are an error, so two folders never merge into one row); an entry's ``encoders`` may name a
@@ -46,22 +50,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eoforge.datasets.errors import DataError
-from eoforge.finetune.evaluate import (
-    TRAINED_TASKS,
-    band_policy,
-    dataset_release,
-    load_split,
-    parse_dataset,
-    train_and_score,
-)
+from eoforge.finetune.evaluate import band_policy, dataset_release, load_split, parse_dataset
 from eoforge.finetune.features import extract_features, resolve_device
-from eoforge.finetune.knn import knn_probe
-from eoforge.finetune.linear import linear_probe
 from eoforge.finetune.metrics import mean_ci95
+from eoforge.finetune.protocols import PROTOCOLS, get_protocol
+from eoforge.finetune.protocols.finetune import train as train_classifier
+from eoforge.finetune.protocols.trained import TrainedOptions
+from eoforge.launch.config import config_from
 from eoforge.models import create_model
 from eoforge.models.release import Release
 
-PROTOCOLS = ("linear", "knn", "finetune", "segmentation", "change")
 ENCODERS = ("release", "random_init", "supervised")
 CELLS, RESULTS = "cells.jsonl", "results"
 MIN_SEEDS = 3
@@ -114,6 +112,23 @@ def load_suite(path: str | Path) -> Suite:
     return suite
 
 
+def check_training(training: dict, where: str) -> None:
+    """A suite's or an entry's ``training`` options: those of the trained protocols but
+    ``seed``, of their types.
+
+    Raises:
+        DataError: naming ``where`` and a key that is no training option.
+        ConfigError: naming ``where`` and a key of the wrong type.
+    """
+    unknown = sorted(set(training) - (set(TrainedOptions.__dataclass_fields__) - {"seed"}))
+    if unknown:
+        raise DataError(
+            f"{where}: unknown training option(s) {unknown}; see "
+            "eoforge.finetune.protocols.trained.TrainedOptions (seed is each cell's)"
+        )
+    config_from(TrainedOptions, training, where)
+
+
 ENTRY_KEYS = {"id", "name", "root", "options", "encoders", "training"}
 
 
@@ -123,6 +138,7 @@ def check_entries(suite: Suite, where: str | Path) -> None:
     Raises:
         DataError: naming ``where``, the entry and the key at fault.
     """
+    check_training(suite.training, f"{where}: training")
     seen: dict[str, int] = {}
     for i, entry in enumerate(suite.datasets):
         if not isinstance(entry, dict) or not {"name", "root"} <= set(entry):
@@ -133,6 +149,7 @@ def check_entries(suite: Suite, where: str | Path) -> None:
                 f"{where}: datasets[{i}] has unknown key(s) {unknown}; {sorted(ENTRY_KEYS)}"
             )
         parse_dataset(f"{entry['name']}:{entry['root']}")  # an unknown name fails here
+        check_training(entry.get("training", {}), f"{where}: datasets[{i}].training")
         extra = sorted(set(entry.get("encoders", [])) - set(suite.encoders))
         if extra:
             raise DataError(
@@ -265,6 +282,11 @@ class PreparedSplit:
             self.feature_images_per_s = round(n_images / (time.perf_counter() - start), 1)
         return self.features
 
+    def feature_provenance(self) -> dict:
+        """The frozen features' rate and device, for a cell (after ``frozen_features``)."""
+        device = str(next(self.model.parameters()).device)
+        return {"feature_images_per_s": self.feature_images_per_s, "device": device}
+
 
 def prepare_split(
     data,
@@ -292,7 +314,7 @@ def prepare_split(
             raise DataError(
                 f"the supervised baseline needs image labels; {entry['name']} is {data.task}"
             )
-        _, trained = train_and_score("finetune", model, data, loaded, seed, **training)
+        _, trained = train_classifier(model, data, loaded, seed, **training)
         model = trained.encoder.eval()
     return PreparedSplit(data, loaded, model, band_policy(data.band_ids, loaded.card), training)
 
@@ -302,51 +324,7 @@ def score(split: PreparedSplit, protocol: str, seed: int) -> dict:
     data = split.data
     common = {"split_hash": data.split_hash, "band_policy": split.band_policy}
     common |= {"n_train": len(data.y_train), "n_test": len(data.y_test)}
-    if protocol in TRAINED_TASKS:
-        if data.task not in TRAINED_TASKS[protocol]:
-            raise DataError(
-                f"{protocol} needs {' or '.join(TRAINED_TASKS[protocol])}, not {data.task}"
-            )
-        scores, trained = train_and_score(
-            protocol, split.model, data, split.loaded, seed, **split.training
-        )
-        metrics = {k: v for k, v in scores.items() if isinstance(v, float)}
-        return common | {
-            "metrics": metrics,
-            "details": {"final_train_loss": trained.train_loss[-1]},
-        }
-    if data.task not in ("classification", "multilabel"):
-        raise DataError(f"{protocol} scores image labels, not {data.task}")
-    train, test = split.frozen_features()
-    common["feature_images_per_s"] = split.feature_images_per_s
-    common["device"] = str(next(split.model.parameters()).device)
-    y_train, y_test = torch.as_tensor(data.y_train), torch.as_tensor(data.y_test)
-    n_classes = len(data.class_names)
-    if protocol == "linear":
-        if data.task != "classification":
-            raise DataError(f"linear probe scores single-label classification, not {data.task}")
-        # The cell's seed seeds the probe's hold-out and shuffling, as ``eval linear --seed``
-        # does: the row then agrees with that command, and its interval spans the probe too.
-        result = linear_probe(train, y_train, test, y_test, n_classes=n_classes, seed=seed)
-        return common | {
-            "metrics": {"accuracy": result.accuracy},
-            "details": {
-                "best_lr": result.best_lr,
-                "best_weight_decay": result.best_weight_decay,
-                "lr_at_grid_edge": result.lr_at_grid_edge,
-            },
-        }
-    result = knn_probe(train, y_train, test, y_test, n_classes=n_classes)
-    details = {"k": result.k, "temperature": result.temperature}
-    if data.task == "multilabel":
-        return common | {
-            "metrics": {"map_micro": result.map_micro, "map_macro": result.map_macro},
-            "details": details,
-        }
-    return common | {
-        "metrics": {"accuracy": result.accuracy, "balanced_accuracy": result.balanced_accuracy},
-        "details": details,
-    }
+    return common | get_protocol(protocol).cell(split, seed, split.training)
 
 
 def summarise(cells: Sequence[dict]) -> list[dict]:

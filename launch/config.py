@@ -6,7 +6,8 @@ types raise ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,21 +25,46 @@ def load_config(
     schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> T:
     """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides, as a ``schema`` object."""
-    merged = OmegaConf.structured(schema)
-    try:
+    with _naming_the_key(path):
+        merged = OmegaConf.structured(schema)
         if path is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_key_value_items(overrides)))
         return OmegaConf.to_object(merged)
+
+
+def config_from(schema: type[T], values: Mapping[str, object], where: str | None = None) -> T:
+    """Defaults of ``schema`` <- ``values`` (Python objects), as a ``schema`` object; ``where``
+    names their source in errors."""
+    with _naming_the_key(where):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), dict(values)))
+
+
+def key_values(items: Sequence[str]) -> dict[str, object]:
+    """``key=value`` items of a command line -> {key: value}, values read as YAML scalars or
+    lists (``8`` an int, ``[0.3, 1]`` a list, ``null`` None)."""
+    with _naming_the_key(None):
+        return OmegaConf.to_container(OmegaConf.from_dotlist(_key_value_items(items, "option")))
+
+
+def _key_value_items(items: Sequence[str], kind: str = "override") -> list[str]:
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{kind} {item!r} is not of the form key=value")
+    return list(items)
+
+
+@contextmanager
+def _naming_the_key(where: str | Path | None) -> Iterator[None]:
+    """OmegaConf's errors as ConfigError naming the key (and ``where``, when given)."""
+    try:
+        yield
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        where = f" in {path}" if path else ""
+        place = f" in {where}" if where else ""
         raise ConfigError(
-            f"config key {key!r}{where}: {err.msg if hasattr(err, 'msg') else err}"
+            f"config key {key!r}{place}: {err.msg if hasattr(err, 'msg') else err}"
         ) from err
 
 

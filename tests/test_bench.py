@@ -209,7 +209,8 @@ def test_a_linear_cell_scores_what_eval_linear_scores_for_its_seed(suite_file, r
         warnings.simplefilter("ignore")
         results = bench.run_suite(suite, release, tmp_path / "out", progress=False)
         for cell in results["cells"]:
-            alone = evaluate.run_linear(
+            alone = evaluate.run_protocol(
+                "linear",
                 release,
                 f"{entry['name']}:{entry['root']}",
                 seed=cell["seed"],

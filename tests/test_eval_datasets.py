@@ -16,9 +16,10 @@ from eoforge.datasets.bigearthnet import load_bigearthnet
 from eoforge.datasets.change_pairs import SCENES, load_change_pairs
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.eurosat import FILE_BANDS, load_eurosat
+from eoforge.datasets.eval_datasets import EVAL_DATASETS, dataset_loader
 from eoforge.datasets.folder_csv import load_folder_csv
 from eoforge.datasets.indian_pines import PixelSplit
-from eoforge.datasets.labelled import EVAL_DATASETS, LabelledSplit
+from eoforge.datasets.labelled import LabelledSplit
 from eoforge.datasets.sensors import get_sensor
 from eoforge.datasets.torchgeo_adapter import to_labelled_split
 
@@ -63,8 +64,8 @@ def taizhou(change_root):
 def test_registry_loads_through_one_mapping(sample_data, eurosat_root, eurosat):
     names = {"indian_pines", "eurosat", "bigearthnet", "change_pairs", "folder_csv", "torchgeo"}
     assert names <= set(EVAL_DATASETS)
-    assert EVAL_DATASETS["eurosat"](eurosat_root, **SAMPLE_SPLIT).split_hash == eurosat.split_hash
-    pines = EVAL_DATASETS["indian_pines"](
+    assert dataset_loader("eurosat")(eurosat_root, **SAMPLE_SPLIT).split_hash == eurosat.split_hash
+    pines = dataset_loader("indian_pines")(
         sample_data / "indian_pines_aviris", max_train=20, max_test=10
     )
     assert isinstance(pines, PixelSplit) and pines.task == "classification"

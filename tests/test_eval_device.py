@@ -11,7 +11,7 @@ import torch
 
 from eoforge.datasets.sensors import band_table, get_sensor
 from eoforge.finetune import bench
-from eoforge.finetune.evaluate import run_knn, run_linear
+from eoforge.finetune.evaluate import run_protocol
 from eoforge.finetune.features import resolve_device
 from eoforge.launch.cli import main
 from eoforge.models import create_model, save_release
@@ -53,7 +53,7 @@ def test_default_device_is_cuda_when_present():
 
 def test_cpu_results_name_the_device_and_the_feature_rate(sample_data, release, tmp_path):
     dataset = f"eurosat:{sample_data / MS}"
-    result = quiet(run_linear, release, dataset, device="cpu", progress=False, **SMALL)
+    result = quiet(run_protocol, "linear", release, dataset, device="cpu", progress=False, **SMALL)
     assert result["device"] == "cpu" and result["feature_images_per_s"] > 0
     out = tmp_path / "knn.json"
     argv = ["eval", "knn", "--release", str(release), "--dataset", dataset, "--device", "cpu"]
@@ -78,11 +78,11 @@ def test_gpu_features_follow_the_cpu_ones(sample_data, release, tmp_path):
     """On CUDA, features under bf16 autocast: kNN and linear scores close to the CPU's fp32 ones,
     and the bench's cells on the GPU."""
     dataset = f"eurosat:{sample_data / MS}"
-    cpu = quiet(run_knn, release, dataset, device="cpu", progress=False, **SMALL)
-    gpu = quiet(run_knn, release, dataset, device="cuda", progress=False, **SMALL)
+    cpu = quiet(run_protocol, "knn", release, dataset, device="cpu", progress=False, **SMALL)
+    gpu = quiet(run_protocol, "knn", release, dataset, device="cuda", progress=False, **SMALL)
     assert gpu["device"].startswith("cuda") and gpu["feature_images_per_s"] > 0
     assert abs(gpu["accuracy"] - cpu["accuracy"]) < 0.05
-    linear = quiet(run_linear, release, dataset, device="cuda", progress=False, **SMALL)
+    linear = quiet(run_protocol, "linear", release, dataset, device="cuda", progress=False, **SMALL)
     assert 0.0 <= linear["accuracy"] <= 1.0
     suite = bench.Suite(
         name="gpu",

@@ -1,5 +1,5 @@
-"""Layering: models and datasets are leaves, pretrain and finetune are siblings, and launch only
-reaches up lazily inside the CLI's functions."""
+"""Layering: models and datasets are leaves, pretrain and finetune are siblings, and launch never
+reaches up into them (the CLI discovers the verbs each layer declares)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ FORBIDDEN = {
 }
 
 
-def _imports(path, top_level_only: bool):
-    tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else ast.walk(tree)
-    for node in nodes:
+def _imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             yield node.module
         elif isinstance(node, ast.Import):
@@ -30,10 +28,8 @@ def _imports(path, top_level_only: bool):
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_no_forbidden_imports(package):
-    for path in (REPO_ROOT / package).glob("*.py"):
-        # The CLI may import pretrain/finetune lazily inside functions (never at module level).
-        top_level_only = package == "launch" and path.name == "cli.py"
-        for module in _imports(path, top_level_only):
+    for path in (REPO_ROOT / package).rglob("*.py"):
+        for module in _imports(path):
             parts = module.split(".")
             if parts[0] == "eoforge" and len(parts) > 1:
                 assert parts[1] not in FORBIDDEN[package], f"{path.name} imports {module}"

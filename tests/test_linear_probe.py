@@ -12,7 +12,7 @@ import torch
 from eoforge.datasets.indian_pines import load_indian_pines
 from eoforge.datasets.sensors import band_table, get_sensor
 from eoforge.finetune import linear
-from eoforge.finetune.evaluate import run_knn, run_linear
+from eoforge.finetune.evaluate import run_protocol
 from eoforge.finetune.features import extract_features
 from eoforge.finetune.linear import LinearHeadGrid, linear_probe, stratified_holdout
 from eoforge.launch.cli import main
@@ -155,7 +155,8 @@ def test_run_linear_on_indian_pines(sample_data, release, tmp_path):
     dataset = f"indian_pines:{root}"
     out = tmp_path / "linear.json"
     with pytest.warns(UserWarning) as caught:
-        result = run_linear(
+        result = run_protocol(
+            "linear",
             release,
             dataset,
             seed=0,
@@ -178,24 +179,26 @@ def test_run_linear_on_indian_pines(sample_data, release, tmp_path):
 
 def test_unknown_dataset_names_the_known_ones(release):
     with pytest.raises(ValueError, match="known datasets: bigearthnet, change_pairs, eurosat"):
-        run_linear(release, "sen12ms:/data")
+        run_protocol("linear", release, "sen12ms:/data")
     with pytest.raises(ValueError, match="names no folder"):
-        run_linear(release, "indian_pines")
+        run_protocol("linear", release, "indian_pines")
 
 
 def test_window_must_fit_the_patch(sample_data, release):
     dataset = f"indian_pines:{sample_data / 'indian_pines_aviris'}"
     with pytest.raises(ValueError, match="patch size 8"), pytest.warns(UserWarning):
-        run_linear(release, dataset, window=12, max_train=50, max_test=50, progress=False)
+        run_protocol(
+            "linear", release, dataset, window=12, max_train=50, max_test=50, progress=False
+        )
     with pytest.raises(ValueError, match=r"takes no option\(s\) \['tile'\]; its options: "):
-        run_linear(release, dataset, tile=12, progress=False)
+        run_protocol("linear", release, dataset, tile=12, progress=False)
 
 
 def test_linear_probe_refuses_multilabel_and_knn_scores_it_by_map(sample_data, release):
     bigearthnet = f"bigearthnet:{sample_data / 'bigearthnet_s1s2' / 'v2_lmdb_configilm_mock'}"
     with pytest.raises(ValueError, match="multilabel dataset; the linear probe"):
-        run_linear(release, bigearthnet, progress=False)
-    result = run_knn(release, bigearthnet, progress=False)
+        run_protocol("linear", release, bigearthnet, progress=False)
+    result = run_protocol("knn", release, bigearthnet, progress=False)
     assert result["n_classes"] == 19 and 0.0 < result["map_macro"] <= 1.0
     assert result["band_policy"] == "native: all 12 bands seen in pretraining"
 
@@ -218,6 +221,6 @@ def test_a_training_split_without_a_test_class_warns_and_says_so(sample_data, re
     dataset = f"eurosat:{sample_data / 'eurosat_ms_samples'}"
     options = {"form": "ms", "test_fraction": 0.5, "val_fraction": 0.0}
     with pytest.warns(UserWarning) as caught:
-        result = run_knn(release, dataset, progress=False, **options)
+        result = run_protocol("knn", release, dataset, progress=False, **options)
     assert any("no sample of test class(es) Highway, Pasture" in str(w.message) for w in caught)
     assert len(result["warnings"]) == 1 and "Highway, Pasture" in result["warnings"][0]
