@@ -10,7 +10,7 @@ target patches are removed. With x the patch tokens:
                                               over the feature dimension (no gradient),
   s_hat_y(i) = g_phi(s_x, positions of block i)   a narrow predictor transformer, mask tokens
                                               carrying the target positions,
-  L = 1/M sum_i  mean_{j in block i} smoothL1(s_hat_y(i)_j, s_y_j)   (eq. 1; MSE optional),
+  L = 1/M sum_i  mean_{j in block i} smoothL1(s_hat_y(i)_j, s_y_j)   (or the squared error),
 
 and the target encoder is an exponential moving average of the context encoder,
 ``theta_bar <- m theta_bar + (1 - m) theta``, with m rising linearly from ``momentum`` to

@@ -34,6 +34,7 @@ OBJECTIVES = {
     "seasonal_contrast": "eoforge.pretrain.seasonal_contrast:SeasonalContrast",
     "mixup_mae": "eoforge.pretrain.mixup_mae:MixupMAE",
     "instance_contrast": "eoforge.pretrain.instance_contrast:InstanceContrast",
+    "latent_mim": "eoforge.pretrain.latent_mim:LatentMIM",
     "jepa": "eoforge.pretrain.jepa:JEPA",
 }
 

@@ -110,6 +110,8 @@ CASES = {
         "vit_test_patch8",
         ["objective.kwargs.queue_size=16", "data.batch_size=1"],
     ),
+    # S2 + S1 pairs: two sensors, so whole sensors are assigned to input or target.
+    "latent_mim": ("pairs", "vit_test_patch8", [*SMALL_DECODER, "objective.kwargs.proj_dim=16"]),
     "jepa": (
         "s2",
         "vit_test_patch8",
@@ -120,6 +122,9 @@ CASES = {
         ],
     ),
 }
+
+# Objectives whose embeddings can collapse log contrastive.embedding_health to TensorBoard.
+COLLAPSE_LOGGED = {"instance_contrast", "seasonal_contrast", "latent_mim", "jepa"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -141,6 +146,8 @@ def test_shipped_config_trains_and_releases(name, shards, cache, tmp_path):
     )
     losses = scalars(run, "loss")
     assert sorted(losses) == [1, 2, 3]
+    if name in COLLAPSE_LOGGED:
+        assert sorted(scalars(run, "collapse/std")) == [1, 2, 3]
     card = json.loads((run / "release" / "card.json").read_text())
     assert card["objective"]["name"] == name and card["objective"]["label"] == name
     assert card["steps"] == 3
