@@ -34,7 +34,6 @@ def register_build(commands: argparse._SubParsersAction) -> argparse.ArgumentPar
         help=help_text,
         description=help_text,
         epilog=BUILD_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "src",
@@ -132,7 +131,6 @@ def register_stats(commands: argparse._SubParsersAction) -> argparse.ArgumentPar
         help=help_text,
         description=help_text,
         epilog="example:\n  eoforge data stats shards/s2      # writes shards/s2/stats.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("shards", help="shard folder")
     parser.set_defaults(run=run_stats)
@@ -150,7 +148,6 @@ def register_verify(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
         help=help_text,
         description=help_text,
         epilog="example:\n  eoforge data verify shards/s2",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("shards", help="shard folder")
     parser.set_defaults(run=run_verify)

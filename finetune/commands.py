@@ -215,6 +215,7 @@ def run_release_import(args: argparse.Namespace) -> int:
 
 
 def _command(commands, name: str, help_text: str, epilog: str | None, run):
+    # eval's verbs are registered here, not by the command line: their examples keep their lines.
     parser = commands.add_parser(
         name,
         help=help_text,

@@ -4,7 +4,8 @@ A verb is an entry point of the group ``eoforge.commands`` (setup.cfg; another i
 adds verbs the same way). Its name is the verb's words joined by dots (``data.build``), its value a
 function ``register(commands)`` that adds the verb's parser to ``commands`` (an argparse
 subparsers action) with plain argparse and returns it. A group (``data``) is a parser whose verbs
-join it; a verb's parser carries ``run(args) -> exit code`` in its defaults, and a verb that can
+join it; the help of every verb keeps the line breaks of its description and epilog (the
+examples). A verb's parser carries ``run(args) -> exit code`` in its defaults, and a verb that can
 run on several ranks also ``launch_command(args, world_size)`` (``eoforge.launch.commands``).
 Parents are registered before their verbs, in the order of ``HELP_ORDER``. Verb modules
 import their implementation (torch, readers) inside ``run``, so ``--help`` stays light.
@@ -76,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
             subcommands[parent] = parser.verbs[parent].add_subparsers(
                 title=f"{' '.join(parent)} commands"
             )
-        parser.verbs[words] = ep.load()(subcommands[parent])
+        verb = ep.load()(subcommands[parent])
+        verb.formatter_class = argparse.RawDescriptionHelpFormatter  # examples keep their lines
+        parser.verbs[words] = verb
     return parser
 
 

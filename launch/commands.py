@@ -38,7 +38,6 @@ def register_slurm(commands: argparse._SubParsersAction) -> argparse.ArgumentPar
         help=help_text,
         description=help_text,
         epilog=SLURM_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job")
@@ -72,7 +71,6 @@ def register_local(commands: argparse._SubParsersAction) -> argparse.ArgumentPar
         help=help_text,
         description=help_text,
         epilog=LOCAL_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--nproc", type=int, required=True, help="ranks (one per GPU)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- pretrain [--config C] ...")

@@ -22,7 +22,6 @@ def register_verify(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
         help=help_text,
         description=help_text,
         epilog="example:\n  eoforge release verify runs/demo/release",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("release")
     parser.set_defaults(run=run_verify)

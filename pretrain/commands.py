@@ -30,7 +30,6 @@ def register_pretrain(commands: argparse._SubParsersAction) -> argparse.Argument
         help=help_text,
         description=help_text,
         epilog=PRETRAIN_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", default="demo", help="YAML file or shipped config name (default: demo)"
@@ -50,7 +49,6 @@ def register_release_build(commands: argparse._SubParsersAction) -> argparse.Arg
         help=help_text,
         description=help_text,
         epilog=RELEASE_BUILD_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir")
     parser.add_argument("out", nargs="?", help="release folder (default: RUN_DIR/release)")

@@ -10,29 +10,17 @@ import re
 import warnings
 
 import pytest
-import torch
 
-from eoforge.datasets.sensors import band_table, get_sensor
 from eoforge.finetune import bench, evaluate
 from eoforge.launch.cli import main
-from eoforge.models import create_model, save_release
+
+from conftest import random_release
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """A random-weight S2 release: Indian Pines' AVIRIS bands are unseen by it."""
-    torch.manual_seed(0)
-    encoder = create_model("vit_test_patch8")
-    bands = band_table(get_sensor("S2L2A").bands)
-    card = {
-        "bands": bands,
-        "normalisation": {b["band_id"]: {"p1": 0, "p99": 1, "mean": 0, "std": 1} for b in bands},
-        "objective": {"name": "mae"},
-        "data": {},
-        "steps": 0,
-    }
-    out = tmp_path_factory.mktemp("release") / "random_s2"
-    return save_release(out, encoder.state_dict(), "vit_test_patch8", {}, card)
+    return random_release(tmp_path_factory.mktemp("release") / "random_s2", ("S2L2A",))
 
 
 @pytest.fixture

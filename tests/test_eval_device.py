@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 
-from eoforge.datasets.sensors import band_table, get_sensor
 from eoforge.finetune import bench
 from eoforge.finetune.evaluate import run_protocol
 from eoforge.finetune.features import resolve_device
 from eoforge.launch.cli import main
-from eoforge.models import create_model, save_release
+
+from conftest import random_release
 
 MS = "eurosat_ms_subset"
 SMALL = {"labels_per_class": 5}
@@ -23,18 +23,7 @@ SMALL = {"labels_per_class": 5}
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """A random-weight release over EuroSAT MS's 13 S2L1C bands."""
-    torch.manual_seed(0)
-    encoder = create_model("vit_test_patch8")
-    bands = band_table(get_sensor("S2L1C").bands)
-    card = {
-        "bands": bands,
-        "normalisation": {b["band_id"]: {"p1": 0, "p99": 1, "mean": 0, "std": 1} for b in bands},
-        "objective": {"name": "mae"},
-        "data": {},
-        "steps": 0,
-    }
-    out = tmp_path_factory.mktemp("release") / "random_s2l1c"
-    return save_release(out, encoder.state_dict(), "vit_test_patch8", {}, card)
+    return random_release(tmp_path_factory.mktemp("release") / "random_s2l1c", ("S2L1C",))
 
 
 def quiet(fn, *args, **kwargs):

@@ -9,12 +9,11 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from eoforge.datasets.indian_pines import CLASS_NAMES, load_indian_pines_map
-from eoforge.datasets.sensors import band_table, get_sensor
 from eoforge.launch.cli import main
-from eoforge.models import create_model, save_release
+
+from conftest import random_release
 
 PINES = "indian_pines_aviris"
 EUROSAT = "eurosat_ms_samples"
@@ -25,18 +24,7 @@ TAIZHOU = "landsat_tm_change_detection_taizhou_nanjing"
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """A random-weight release trained on S2 L1C and L2A bands (EuroSAT, BigEarthNet: native)."""
-    torch.manual_seed(0)
-    encoder = create_model("vit_test_patch8")
-    bands = band_table(get_sensor("S2L1C").bands) + band_table(get_sensor("S2L2A").bands)
-    card = {
-        "bands": bands,
-        "normalisation": {b["band_id"]: {"p1": 0, "p99": 1, "mean": 0, "std": 1} for b in bands},
-        "objective": {"name": "mae"},
-        "data": {},
-        "steps": 0,
-    }
-    out = tmp_path_factory.mktemp("release") / "s2"
-    return save_release(out, encoder.state_dict(), "vit_test_patch8", {}, card)
+    return random_release(tmp_path_factory.mktemp("release") / "s2", ("S2L1C", "S2L2A"))
 
 
 def evaluate(protocol, release, dataset, tmp_path, *options, frozen=False) -> dict:

@@ -10,16 +10,15 @@ import warnings
 from importlib.metadata import entry_points
 
 import pytest
-import torch
 
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.eval_datasets import EVAL_DATASETS, Adapter, dataset_options
-from eoforge.datasets.sensors import band_table, get_sensor
 from eoforge.finetune import bench, evaluate
 from eoforge.finetune.protocols import PROTOCOLS, get_protocol
 from eoforge.launch.cli import GROUP, build_parser, main
 from eoforge.launch.config import ConfigError, config_from
-from eoforge.models import create_model, save_release
+
+from conftest import random_release
 
 # Small enough for every protocol to train in a second on a CPU.
 QUICK = {"epochs": 1, "batch_size": 4}
@@ -27,19 +26,7 @@ QUICK = {"epochs": 1, "batch_size": 4}
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    torch.manual_seed(0)
-    bands = band_table(get_sensor("S2L2A").bands)
-    card = {
-        "bands": bands,
-        "normalisation": {b["band_id"]: {"p1": 0, "p99": 1, "mean": 0, "std": 1} for b in bands},
-        "objective": {"name": "mae"},
-        "data": {},
-        "steps": 0,
-    }
-    out = tmp_path_factory.mktemp("release") / "s2"
-    return save_release(
-        out, create_model("vit_test_patch8").state_dict(), "vit_test_patch8", {}, card
-    )
+    return random_release(tmp_path_factory.mktemp("release") / "s2", ("S2L2A",))
 
 
 @pytest.fixture
