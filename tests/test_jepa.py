@@ -18,7 +18,7 @@ from eoforge.models import create_model
 from eoforge.pretrain.jepa import JEPA, block_size, multi_block_masks, patch_tokens
 from eoforge.pretrain.objectives import objective_class
 
-from pretrain_runs import torchrun_script
+from pretrain_runs import eoforge, scalars, torchrun_script
 
 WORLD = 2
 STAGES = (1, 2, 3)
@@ -191,6 +191,52 @@ def test_target_encoder_under_zero_1_2_3_on_two_ranks_resumes_exactly(tmp_path):
     for stage in STAGES[1:]:
         for name, value in results[stage]["target"].items():
             assert torch.allclose(value, reference[name], atol=1e-5), (stage, name)
+
+
+@pytest.mark.slow
+def test_training_loop_under_zero3_on_two_ranks_resumes_exactly(tmp_path):
+    """Through the training loop (its hook, the engine's gathers, its checkpoints): a run
+    stopped after step 2 and resumed continues as the uninterrupted run does, losses and target
+    encoder alike."""
+    cache = tmp_path / "cache"
+    full, split = tmp_path / "full", tmp_path / "split"
+    args = [
+        "pretrain",
+        "--config",
+        "jepa",
+        "data.demo=true",
+        "model.name=vit_test_patch8",
+        "steps=4",
+        "log_every=1",
+        "save_every=100",
+        "image_every=100",
+        "data.batch_size=2",
+        "engine.precision=fp32",
+        "engine.zero_stage=3",
+        "release.export=false",
+        "objective.kwargs.predictor_dim=32",
+        "objective.kwargs.predictor_depth=1",
+        "objective.kwargs.predictor_heads=4",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=1",
+        "objective.kwargs.momentum=0.5",  # a target encoder that moves far in 4 steps
+    ]
+    eoforge([*args, f"run_dir={full}"], cache, nproc=WORLD)
+    eoforge([*args, f"run_dir={split}", "stop_at=2"], cache, nproc=WORLD)
+    assert "resuming at step 2" in eoforge([*args, f"run_dir={split}"], cache, nproc=WORLD).stdout
+    expected, resumed = scalars(full, "loss"), scalars(split, "loss")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    targets = [
+        torch.load(
+            next((run / "checkpoints" / "step_00000004").glob("*rank_0_*model_states.pt")),
+            weights_only=False,
+        )["module"]["_extra_state"]["key_model"]
+        for run in (full, split)
+    ]
+    for name, value in targets[0].items():
+        assert torch.allclose(value, targets[1][name], rtol=1e-5, atol=1e-7), name
 
 
 if __name__ == "__main__":

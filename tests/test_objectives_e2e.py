@@ -203,6 +203,7 @@ def test_momentum_copy_moves_once_per_optimizer_step(shards, cache, tmp_path):
             "image_every=2",
             "engine.precision=fp32",
             "optim.global_batch=4",  # 2 micro-batches of 2
+            "optim.lr=1e-2",  # steps large enough to tell the two updates apart
             "release.export=false",
             "objective.kwargs.queue_size=16",
             "objective.kwargs.momentum=0.5",
@@ -218,6 +219,6 @@ def test_momentum_copy_moves_once_per_optimizer_step(shards, cache, tmp_path):
     ]
     weight = "encoder.blocks.0.attn.qkv.weight"
     k1, k2 = (state["_extra_state"]["key_model"][weight] for state in states)
-    q2 = states[1][weight]
-    assert not torch.allclose(k1, k2)
+    q1, q2 = (state[weight] for state in states)
     assert torch.allclose(k2, 0.5 * k1 + 0.5 * q2, atol=1e-6)
+    assert not torch.allclose(k2, 0.25 * k1 + 0.75 * q1, atol=1e-4)
