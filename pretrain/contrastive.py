@@ -1,6 +1,7 @@
-"""Pieces shared by the contrastive objectives (CROMA, SeCo, instance contrast): pooling,
-projection heads, a learnable logit scale, the cross-rank symmetric InfoNCE, the MoCo InfoNCE
-and its key queue, and the collapse statistics every one of them reports."""
+"""Pieces shared by the contrastive and latent objectives (CROMA, SeCo, instance contrast,
+latent MIM, JEPA): pooling, projection heads, a learnable logit scale, the cross-rank symmetric
+InfoNCE, the MoCo InfoNCE and its key queue, copies of modules held outside the optimiser, and
+the collapse statistics every one of them reports."""
 
 from __future__ import annotations
 
@@ -201,7 +202,8 @@ class MomentumCopy:
     module tree: not in its ``parameters()``, ``state_dict()``, ``.to()`` or dtype casts. So the
     optimiser never sees it, ZeRO never partitions or casts it (the EMA stays in float32 under
     bf16, where a 0.1% update would round away), and it moves to the query's device lazily. The
-    owner saves it through its extra state (``state_dict``/``load_state_dict`` here).
+    owner saves it through its extra state (``state_dict``/``load_state_dict`` here). JEPA's
+    target encoder is one; Latent MIM Lite's frozen projection is one that is never updated.
 
     Args:
         modules: name -> module to copy (e.g. {"encoder": ..., "head": ...}).

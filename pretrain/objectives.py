@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -134,7 +135,7 @@ class Composite(nn.Module):
             if hasattr(term, "set_progress"):
                 term.set_progress(fraction)
 
-    def after_optimizer_step(self, full_parameters) -> None:
+    def after_optimizer_step(self, full_parameters=nullcontext) -> None:
         for term in self.terms.values():
             if hasattr(term, "after_optimizer_step"):
                 term.after_optimizer_step(full_parameters)

@@ -8,6 +8,7 @@ from test_mae import _batch
 
 from eoforge.models import create_model
 from eoforge.pretrain.config import ObjectiveConfig
+from eoforge.pretrain.jepa import JEPA
 from eoforge.pretrain.mae import MAE
 from eoforge.pretrain.objectives import Composite, build_objective, terms_of, validate_objective
 
@@ -72,3 +73,16 @@ def test_a_term_naming_the_config_objective_inherits_its_options():
     )
     terms = {name: (weight, kwargs) for name, weight, kwargs, _ in terms_of(cfg)}
     assert terms == {"mae": (1.0, {"decoder_dim": 48}), "croma": (0.5, {})}
+
+
+def test_composite_passes_the_optimizer_step_hook_to_its_terms():
+    torch.manual_seed(0)
+    encoder = create_model("vit_test_patch8")
+    mae = MAE(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    jepa = JEPA(encoder, predictor_dim=32, predictor_depth=1, predictor_heads=4, momentum=0.5)
+    composite = Composite({"mae": (1.0, mae), "jepa": (0.5, jepa)})
+    before = jepa.target_encoder.blocks[0].attn.qkv.weight.clone()
+    with torch.no_grad():
+        encoder.blocks[0].attn.qkv.weight.add_(1.0)
+    composite.after_optimizer_step()
+    assert torch.allclose(jepa.target_encoder.blocks[0].attn.qkv.weight, before + 0.5)
