@@ -8,6 +8,13 @@ whose valid fraction is below ``min_valid`` is skipped. Writing is atomic: shard
 is removed and ``OUT`` is left as it was (``write_shard_folder``, shared with the multi-sensor
 and time-series builds of ``eoforge.datasets.pairs``). index.json is the build's manifest: each
 shard's sample count and sha256. ``verify_shards`` checks either kind of folder against it.
+
+Samples are written in a seeded random order over the whole build, not in the order of the input
+files: the reader shuffles only within a shard and fills a batch from one shard, so shards
+written in file order (a class folder after another, a scene's tiles one after the other) gave
+batches of one class or one scene, on which contrastive objectives see no negative of another
+class and masked autoencoders stall. The samples are staged in input order, then copied byte for
+byte into the shards in the permuted order: the same input and seed give the same shards.
 Optional quality thresholds (``eoforge.datasets.quality``) drop cloudy or mostly-empty tiles.
 """
 
@@ -56,6 +63,8 @@ from eoforge.datasets.shards import (
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 MAX_NAMED_SCENES = 20  # scenes listed by name in a summary; counts cover the rest
+WRITE_ORDER_SEED = 0  # the samples' order in the shards (module docstring)
+STAGED_NAME = "staged.tar"  # the samples in input order, before they are permuted into shards
 
 
 def build_shards(
@@ -183,8 +192,10 @@ def write_shard_folder(
     shard_size: int,
     overwrite: bool,
     empty: Callable[[], DataError],
+    order_seed: int | None = WRITE_ORDER_SEED,
 ) -> list[int]:
-    """Write encoded samples into a shard folder atomically (see the module docstring).
+    """Write encoded samples into a shard folder atomically, in a seeded random order (see the
+    module docstring).
 
     Args:
         out: shard folder to create or, with ``overwrite``, replace.
@@ -193,6 +204,8 @@ def write_shard_folder(
         shard_size: samples per shard.
         overwrite: replace shards (and the now stale stats.json) already in ``out``.
         empty: the error to raise when ``samples`` yields nothing.
+        order_seed: seed of the order the samples are written in; None writes them in their
+            order in ``samples`` (for layouts made on purpose, such as test fixtures).
 
     Returns:
         Samples per shard; index.json's ``shards`` rows also get each shard's ``sha256``.
@@ -208,8 +221,15 @@ def write_shard_folder(
     try:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had this pid
         tmp.mkdir(parents=True)
-        for sample in samples:
-            writer.write(sample)
+        if order_seed is None:
+            for sample in samples:
+                writer.write(sample)
+        else:
+            staged = tmp / STAGED_NAME
+            members = _stage(staged, samples)
+            for sample in _permuted(staged, members, order_seed):
+                writer.write(sample)
+            staged.unlink()
         writer.close()
         if not writer.counts:
             raise empty()
@@ -230,6 +250,32 @@ def write_shard_folder(
             out.rmdir()
         raise
     return writer.counts
+
+
+def _stage(path: Path, samples: Iterable[dict]) -> list[int]:
+    """Write ``samples`` in their order into one tar at ``path``; the member count of each."""
+    members = []
+    with wds.TarWriter(str(path), format="PAX_FORMAT", mtime=0.0) as tar:
+        for sample in samples:
+            tar.write(sample)
+            members.append(len(sample) - 1)  # every entry but __key__ is a member
+    return members
+
+
+def _permuted(path: Path, members: list[int], seed: int) -> Iterator[dict]:
+    """The samples staged at ``path`` (``members`` per sample) as member dicts for
+    ``TarWriter.write``, in the order of a permutation seeded by ``seed``, their bytes unchanged."""
+    with tarfile.open(path) as tar, open(path, "rb") as f:
+        infos = tar.getmembers()
+        starts = np.concatenate([[0], np.cumsum(members)]).astype(int)
+        for i in np.random.default_rng(seed).permutation(len(members)):
+            sample: dict = {}
+            for info in infos[starts[i] : starts[i + 1]]:
+                key, extension = info.name.split(".", 1)  # keys hold no dot (sanitise_key)
+                f.seek(info.offset_data)
+                sample["__key__"] = key
+                sample[extension] = f.read(info.size)
+            yield sample
 
 
 def file_sha256(path: Path) -> str:

@@ -199,3 +199,47 @@ def test_data_build_layout_eurosat_reads_rgb_jpegs(sample_data, tmp_path):
     with tarfile.open(out / "shard-000000.tar") as tar:
         meta = json.loads(tar.extractfile(next(m for m in tar if m.name.endswith(".json"))).read())
     assert meta["gsd"] == 10.0 and meta["window"] == [0, 0, 64, 64]
+
+
+def test_shards_mix_the_class_folders_so_batches_do_too(sample_data, tmp_path):
+    """Shards are written in a seeded random order: built from class folders, every shard and
+    every batch holds many classes (in file order each held one), every image once and unchanged,
+    and the same build gives the same bytes."""
+    import tarfile
+
+    from eoforge.datasets.reader import ShardStream
+    from eoforge.datasets.shards import decode_sample, iter_tar_samples
+    from eoforge.datasets.stats import Normaliser
+
+    src = tmp_path / "rgb"
+    link_first(sample_data / RGB / "2750", src / "2750", 40, ".jpg")
+    out, again = tmp_path / "shards", tmp_path / "again"
+    for folder in (out, again):
+        args = ["data", "build", str(src), str(folder), "--layout", "eurosat", "--shard-size", "100"]
+        assert main(args) == 0
+    shards = sorted(out.glob("shard-*.tar"))
+    keys = [
+        [m.name.removesuffix(".json") for m in tarfile.open(p) if m.name.endswith(".json")]
+        for p in shards
+    ]
+    assert [len(k) for k in keys] == [100] * 4
+    classes_of = lambda ids: {i.split("_")[1] for i in ids}  # noqa: E731  S2RGB8_<Class>_<n>_r0_c0
+    assert all(len(classes_of(k)) >= 8 for k in keys), [sorted(classes_of(k)) for k in keys]
+    images = sorted(src.glob("2750/*/*.jpg"))
+    assert sorted(sum(keys, [])) == sorted(f"S2RGB8_{p.stem}_r0_c0" for p in images)
+    shas = [[r["sha256"] for r in json.loads((f / "index.json").read_text())["shards"]]
+            for f in (out, again)]  # fmt: skip
+    assert shas[0] == shas[1]
+
+    raw = next(iter_tar_samples(shards[0]))
+    image, _, meta = decode_sample(raw)
+    path = src / "2750" / meta["id"].split("_")[1] / f"{'_'.join(meta['id'].split('_')[1:3])}.jpg"
+    with rasterio.open(path) as f:
+        np.testing.assert_array_equal(image, f.read())
+
+    assert main(["data", "stats", str(out)]) == 0
+    stream = ShardStream(
+        [str(out)], Normaliser.from_files([out / "stats.json"]), batch_size=32, seed=0
+    )
+    batch = next(stream.iter_batches())
+    assert len(classes_of(batch["meta"]["id"])) >= 6
