@@ -215,7 +215,16 @@ def test_shards_mix_the_class_folders_so_batches_do_too(sample_data, tmp_path):
     link_first(sample_data / RGB / "2750", src / "2750", 40, ".jpg")
     out, again = tmp_path / "shards", tmp_path / "again"
     for folder in (out, again):
-        args = ["data", "build", str(src), str(folder), "--layout", "eurosat", "--shard-size", "100"]
+        args = [
+            "data",
+            "build",
+            str(src),
+            str(folder),
+            "--layout",
+            "eurosat",
+            "--shard-size",
+            "100",
+        ]
         assert main(args) == 0
     shards = sorted(out.glob("shard-*.tar"))
     keys = [
@@ -223,7 +232,10 @@ def test_shards_mix_the_class_folders_so_batches_do_too(sample_data, tmp_path):
         for p in shards
     ]
     assert [len(k) for k in keys] == [100] * 4
-    classes_of = lambda ids: {i.split("_")[1] for i in ids}  # noqa: E731  S2RGB8_<Class>_<n>_r0_c0
+
+    def classes_of(ids: list[str]) -> set[str]:
+        return {i.split("_")[1] for i in ids}  # ids are S2RGB8_<Class>_<n>_r0_c0
+
     assert all(len(classes_of(k)) >= 8 for k in keys), [sorted(classes_of(k)) for k in keys]
     images = sorted(src.glob("2750/*/*.jpg"))
     assert sorted(sum(keys, [])) == sorted(f"S2RGB8_{p.stem}_r0_c0" for p in images)
