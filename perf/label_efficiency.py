@@ -112,6 +112,15 @@ RECIPES = {
             "kwargs": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4},
         },
     },
+    # The mae recipe again, once shards mix their samples (written in a permuted order): the
+    # scores of instance_contrast and mae above read shards in class-folder order, so every batch
+    # held one class (the reader shuffles within a shard only).
+    "mae_mixed_shards": {
+        "objective": {
+            "name": "mae",
+            "kwargs": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4},
+        },
+    },
     "gpu_vit_small": {
         "steps": 4000,
         "save_every": 4000,
