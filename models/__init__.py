@@ -1,32 +1,42 @@
-"""eoforge.models: spectrum-aware tokenizers, ViT encoders, the model registry and the release format."""
+"""eoforge.models: spectrum-aware tokenizers, ViT encoders, the model registry and the release format.
 
-from eoforge.models import less, vit  # noqa: F401  (registers the ViT and LESS sizes)
-from eoforge.models.channel_groups import ChannelGroupPatchEmbed, MissingBandError
-from eoforge.models.dofa import DynamicPatchEmbed
-from eoforge.models.less import LessTokens, LessViT
-from eoforge.models.registry import create_model, list_models, register_model
-from eoforge.models.release import Release, ReleaseError, load_release, save_release, verify_release
-from eoforge.models.spectral import SpectrumAwarePatchEmbed, UnsupportedBandError
-from eoforge.models.spectral_adapter import SpectralAdapter, SpectralAdapterPatchEmbed
-from eoforge.models.vit import SpectralViT
+The names below are imported on first use (PEP 562): importing the package, or a light module of
+it such as ``eoforge.models.commands``, does not import torch, so ``eoforge --help`` stays quick.
+The registry imports the ViT and LESS sizes before any lookup (``registry.create_model``).
+"""
 
-__all__ = [
-    "ChannelGroupPatchEmbed",
-    "DynamicPatchEmbed",
-    "LessTokens",
-    "LessViT",
-    "MissingBandError",
-    "SpectralAdapter",
-    "SpectralAdapterPatchEmbed",
-    "Release",
-    "ReleaseError",
-    "SpectralViT",
-    "SpectrumAwarePatchEmbed",
-    "UnsupportedBandError",
-    "create_model",
-    "list_models",
-    "load_release",
-    "register_model",
-    "save_release",
-    "verify_release",
-]
+from __future__ import annotations
+
+import importlib
+
+# name -> the module of eoforge.models that defines it
+_EXPORTS = {
+    "ChannelGroupPatchEmbed": "channel_groups",
+    "DynamicPatchEmbed": "dofa",
+    "LessTokens": "less",
+    "LessViT": "less",
+    "MissingBandError": "channel_groups",
+    "SpectralAdapter": "spectral_adapter",
+    "SpectralAdapterPatchEmbed": "spectral_adapter",
+    "Release": "release",
+    "ReleaseError": "release",
+    "SpectralViT": "vit",
+    "SpectrumAwarePatchEmbed": "spectral",
+    "UnsupportedBandError": "spectral",
+    "create_model": "registry",
+    "list_models": "registry",
+    "load_release": "release",
+    "register_model": "registry",
+    "save_release": "release",
+    "verify_release": "release",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'eoforge.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"eoforge.models.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import warnings
 from importlib.metadata import entry_points
 
@@ -136,3 +138,14 @@ def test_every_verb_has_help(verb, capsys):
         main([*verb.split("."), "--help"])
     assert done.value.code == 0
     assert "usage: eoforge " + verb.replace(".", " ") in capsys.readouterr().out
+
+
+def test_registering_every_verb_imports_no_heavy_module():
+    """Verb modules import torch, deepspeed and the readers inside their run functions, so the
+    help of any verb reads without them."""
+    code = (
+        "import sys; from eoforge.launch.cli import build_parser; build_parser(); "
+        "print(sorted({'torch', 'deepspeed', 'rasterio', 'numpy'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
