@@ -194,10 +194,7 @@ def run_build(args: argparse.Namespace) -> int:
             max_nodata_fraction=args.max_nodata_fraction,
             overwrite=args.overwrite,
         )
-        print(json.dumps(summary, indent=2, default=str))
-        _print_quality(summary)
-        print(f"next: eoforge data stats {args.out}")
-        return 0
+        return _report_build(summary, args.out, quality=True)
     if args.time_window_days is not None or args.drop_lone_partners:
         raise DataError("--time-window-days and --drop-lone-partners need --pair and --layout")
     summary = build_shards(
@@ -213,27 +210,17 @@ def run_build(args: argparse.Namespace) -> int:
         max_nodata_fraction=args.max_nodata_fraction,
         overwrite=args.overwrite,
     )
-    print(json.dumps(summary, indent=2, default=str))
-    _print_quality(summary)
-    print(f"next: eoforge data stats {args.out}")
-    return 0
+    return _report_build(summary, args.out, quality=True)
 
 
 def _build_eurosat(args) -> int:
     from eoforge.datasets.errors import DataError
     from eoforge.datasets.eurosat import FORMS, build_eurosat_shards
 
-    given = {
-        "--pair": args.pair,
-        "--series": args.series,
-        "--bands": args.bands,
-        "--pattern": args.pattern,
-        "--gsd": args.gsd,
-        "--variable": args.variable,
-        "--time-window-days": args.time_window_days,
-        "--max-cloud-fraction": args.max_cloud_fraction,
-    }
-    unused = _given(given)
+    unused = _given(
+        args, "--pair", "--series", "--bands", "--pattern", "--gsd", "--variable",
+        "--time-window-days", "--max-cloud-fraction",
+    )  # fmt: skip
     if unused:
         raise DataError(
             f"--layout eurosat declares the bands and reads every image; drop {', '.join(unused)}"
@@ -255,41 +242,38 @@ def _build_eurosat(args) -> int:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
     )
+    return _report_build(summary, args.out, quality=False)
+
+
+def _given(args: argparse.Namespace, *flags: str) -> list[str]:
+    """The ``flags`` (``--time-window-days``) that the command line set."""
+    return [flag for flag in flags if vars(args)[flag[2:].replace("-", "_")] not in (None, False)]
+
+
+def _report_build(summary: dict, out: str, quality: bool) -> int:
+    """Print a build's summary (with its quality filters' counts if ``quality``) and the next
+    step."""
     print(json.dumps(summary, indent=2, default=str))
-    print(f"next: eoforge data stats {args.out}")
+    if quality:
+        counts = summary["quality"]
+        dropped = counts["tiles_dropped"]
+        print(
+            f"tiles: {counts['tiles_kept']} kept; dropped {dropped['cloud']} for cloud "
+            f"(max {counts['max_cloud_fraction']}), {dropped['nodata']} for nodata "
+            f"(max {counts['max_nodata_fraction']}), {summary['tiles_skipped']} below min_valid"
+        )
+    print(f"next: eoforge data stats {out}")
     return 0
-
-
-def _given(flags: dict[str, object]) -> list[str]:
-    """The flags of ``flags`` (name -> parsed value) that the command line set."""
-    return [name for name, value in flags.items() if value not in (None, False)]
-
-
-def _print_quality(summary: dict) -> None:
-    quality = summary["quality"]
-    dropped = quality["tiles_dropped"]
-    print(
-        f"tiles: {quality['tiles_kept']} kept; dropped {dropped['cloud']} for cloud "
-        f"(max {quality['max_cloud_fraction']}), {dropped['nodata']} for nodata "
-        f"(max {quality['max_nodata_fraction']}), {summary['tiles_skipped']} below min_valid"
-    )
 
 
 def _build_cube(args) -> int:
     from eoforge.datasets.cubes import build_cube_shards
     from eoforge.datasets.errors import DataError
 
-    given = {
-        "--pair": args.pair,
-        "--series": args.series,
-        "--layout": args.layout,
-        "--pattern": args.pattern,
-        "--gsd": args.gsd,
-        "--max-cloud-fraction": args.max_cloud_fraction,
-        "--time-window-days": args.time_window_days,
-        "--drop-lone-partners": args.drop_lone_partners,
-    }
-    unused = _given(given)
+    unused = _given(
+        args, "--pair", "--series", "--layout", "--pattern", "--gsd", "--max-cloud-fraction",
+        "--time-window-days", "--drop-lone-partners",
+    )  # fmt: skip
     if unused:
         raise DataError(
             f"{', '.join(unused)} do(es) not apply to datacubes, which are read on their own grid "
@@ -306,9 +290,7 @@ def _build_cube(args) -> int:
         max_nodata_fraction=args.max_nodata_fraction,
         overwrite=args.overwrite,
     )
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"next: eoforge data stats {args.out}")
-    return 0
+    return _report_build(summary, args.out, quality=False)
 
 
 def run_stats(args: argparse.Namespace) -> int:
