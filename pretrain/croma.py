@@ -6,7 +6,7 @@ Each masked view goes through the shared encoder; its pooled patch tokens give a
 InfoNCE ``(CE(s z_o z_r^T) + CE(s z_r z_o^T)) / 2`` with negatives gathered from every rank.
 A cross encoder lets the optical tokens attend to the radar tokens, and one MAE decoder
 reconstructs both modalities' masked patches from that joint representation (per-band norm-pix
-MSE). ``loss = L_con + MSE_opt + MSE_rad``.
+MSE over valid pixels, as MAE's). ``loss = L_con + MSE_opt + MSE_rad``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from eoforge.models.attention import Attention, attention
-from eoforge.models.spectral import patchify, unpatchify
+from eoforge.models.spectral import unpatchify
 from eoforge.pretrain.contrastive import (
     LogitScale,
     ProjectionHead,
@@ -23,7 +23,7 @@ from eoforge.pretrain.contrastive import (
     pool,
     symmetric_info_nce,
 )
-from eoforge.pretrain.mae import MAE, random_masking
+from eoforge.pretrain.mae import MAE, norm_pix, patch_targets, random_masking
 from eoforge.pretrain.views import present_mask, valid_mask
 
 # Optical bands are given in nm up to thermal infrared; SAR bands carry the radar wavelength
@@ -196,9 +196,7 @@ class CROMA(MAE):
 
     def _tokens(self, view: dict, present: torch.Tensor) -> torch.Tensor:
         """Tokens [B, N, D] of a view, zero for samples without it (``where``: NaN-safe)."""
-        tokens = self.encoder.tokenize(
-            view["image"], view["band_ids"], view["wavelengths"], view.get("gsd"), view.get("time")
-        )
+        tokens = self.tokenize(view)
         return torch.where(present[:, None, None], tokens, torch.zeros_like(tokens))
 
     def modalities(self, batch: dict) -> tuple[tuple[str, dict], tuple[str, dict]]:
@@ -254,10 +252,9 @@ class CROMA(MAE):
             (r_name, radar, res["pred_r"]),
         ):
             images = view["image"]
-            target = patchify(images, p)  # [b, C, N, p*p]
+            target, pixel_valid = patch_targets(images, valid_mask(view), p)  # [b, C, N, p*p]
             if self.norm_pix:  # undo the per-patch normalisation of the targets
-                mean = target.mean(-1, keepdim=True)
-                std = (target.var(-1, keepdim=True) + 1e-6).sqrt()
+                mean, std = norm_pix(target, pixel_valid)
                 pred = pred.float() * std + mean
             masked = res["mask"][:, None, :, None]  # [b, 1, N, 1]
             grid_h = images.shape[-2] // p

@@ -37,7 +37,7 @@ from torch import nn
 
 from eoforge.models.less import LessDecoder, LessTokens, LessViT
 from eoforge.models.spectral import patchify, unpatchify
-from eoforge.pretrain.mae import random_masking
+from eoforge.pretrain.mae import norm_pix, patch_targets, random_masking
 from eoforge.pretrain.views import present_mask, sensor_views, valid_mask
 
 
@@ -63,19 +63,6 @@ def channel_masking(
     mask = torch.ones(b, c, dtype=torch.bool, device=has_data.device)
     mask.scatter_(1, keep, False)
     return keep, mask
-
-
-def norm_pix(target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch mean and std of target [..., p*p] over its valid pixels -> (mean, std) [..., 1].
-
-    Unbiased variance like ``torch.var``; a patch with fewer than two valid pixels gets std 1e-3
-    (it has no spread to normalise by).
-    """
-    weight = valid.to(target.dtype)
-    count = weight.sum(-1, keepdim=True)
-    mean = (target * weight).sum(-1, keepdim=True) / count.clamp_min(1.0)
-    var = ((target - mean).square() * weight).sum(-1, keepdim=True) / (count - 1).clamp_min(1.0)
-    return mean, (var + 1e-6).sqrt()
 
 
 @dataclass
@@ -276,9 +263,7 @@ class HyperMAE(nn.Module):
 
     def _error(self, images: torch.Tensor, valid: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Squared norm-pix error of pred [B, C, N, p*p], zero at invalid pixels."""
-        p = self.encoder.patch_size
-        pixel_valid = patchify(valid, p)  # [B, C, N, p*p]
-        target = patchify(images.float().masked_fill(~valid, 0.0), p)  # [B, C, N, p*p]
+        target, pixel_valid = patch_targets(images, valid, self.encoder.patch_size)
         if self.norm_pix:
             mean, std = norm_pix(target, pixel_valid)
             target = (target - mean) / std
@@ -300,10 +285,10 @@ class HyperMAE(nn.Module):
         for sensor, view in sensor_views(batch):
             images, valid = view["image"].float(), valid_mask(view)
             grid_h = images.shape[-2] // p
-            target = patchify(images.masked_fill(~valid, 0.0), p)  # [b, C, N, p*p]
+            target, pixel_valid = patch_targets(images, valid, p)  # [b, C, N, p*p]
             recon = r.predictions[sensor].float()
             if self.norm_pix:
-                mean, std = norm_pix(target, patchify(valid, p))
+                mean, std = norm_pix(target, pixel_valid)
                 recon = recon * std + mean
             seen = r.seen[sensor][..., None]  # [b, C, N, 1]
             out[sensor] = {

@@ -6,6 +6,11 @@ reconstruction head of its spectral range (the spectral tokenizer) or by a head 
 its wavelength (DOFA's hypernetwork, the spectral adapter: ``reconstruction``). The loss is the MSE on masked patches against
 per-patch normalised targets (norm_pix), computed per band over valid pixels and averaged over
 bands, so a 224-band EnMAP tile and a 2-band Sentinel-1 tile weigh the same.
+
+nodata: invalid pixels enter neither the encoder (they are zeroed before tokenizing), nor the
+norm-pix mean and variance of their patch, nor the loss; whatever value they hold changes
+nothing. The objectives built on MAE's tokens and loss (SelectiveMAE, multi-scale MAE, CROMA,
+mixup) inherit this, and Hyper-MAE uses the same ``norm_pix``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,29 @@ from eoforge.models.spectral import (
 )
 from eoforge.models.vit import LearnedToken
 from eoforge.pretrain.views import sensor_views, valid_mask
+
+
+def norm_pix(target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std of target [..., p*p] over its valid pixels -> (mean, std) [..., 1].
+
+    Unbiased variance like ``torch.var``; a patch with fewer than two valid pixels gets std 1e-3
+    (it has no spread to normalise by). Invalid pixels must hold finite values (e.g. 0): they are
+    weighted out, not skipped.
+    """
+    weight = valid.to(target.dtype)
+    count = weight.sum(-1, keepdim=True)
+    mean = (target * weight).sum(-1, keepdim=True) / count.clamp_min(1.0)
+    var = ((target - mean).square() * weight).sum(-1, keepdim=True) / (count - 1).clamp_min(1.0)
+    return mean, (var + 1e-6).sqrt()
+
+
+def patch_targets(
+    images: torch.Tensor, valid: torch.Tensor, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [B, C, H, W], valid bool [B, C, H, W] -> (pixels, valid) [B, C, N, p*p], the pixels
+    in fp32 with nodata set to 0 (so a NaN fill cannot poison sums it is weighted out of)."""
+    pixels = patchify(images.float().masked_fill(~valid, 0.0), patch_size)
+    return pixels, patchify(valid, patch_size)
 
 
 def random_masking(
@@ -113,7 +141,7 @@ class MAE(nn.Module):
         """One sensor's view -> (loss, predictions [B, C, N, p*p], mask [B, N])."""
         images, band_ids, wavelengths = view["image"], view["band_ids"], view["wavelengths"]
         enc = self.encoder
-        tokens = enc.tokenize(images, band_ids, wavelengths, view.get("gsd"), view.get("time"))
+        tokens = self.tokenize(view)
         batch, length, _ = tokens.shape
         keep, mask = random_masking(batch, length, self.mask_ratio, tokens.device)
         latent = enc.encode(tokens, keep)  # [B, 1 + K, D]
@@ -121,6 +149,13 @@ class MAE(nn.Module):
         pred = self.head(z, band_ids, wavelengths)  # [B, C, N, p*p]
         loss = self.loss(images, valid_mask(view), pred, mask)
         return loss, pred, mask
+
+    def tokenize(self, view: dict) -> torch.Tensor:
+        """One sensor's view -> the encoder's tokens [B, L, D], nodata pixels read as 0."""
+        image = view["image"].masked_fill(~valid_mask(view), 0.0)
+        return self.encoder.tokenize(
+            image, view["band_ids"], view["wavelengths"], view.get("gsd"), view.get("time")
+        )
 
     def decode(
         self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]
@@ -137,16 +172,17 @@ class MAE(nn.Module):
         return self.decoder_norm(x)[:, 1:]
 
     def loss(self, images, valid, pred, mask) -> torch.Tensor:
-        """Norm-pix MSE on masked patches, per band over valid pixels, averaged over bands."""
-        p = self.encoder.patch_size
-        target = patchify(images, p).float()  # [B, C, N, p*p]
-        if self.norm_pix:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
-        weight = mask[:, None, :, None].expand_as(target).float()  # [B, C, N, p*p]
-        if valid is not None:
-            weight = weight * patchify(valid.float(), p)
+        """Norm-pix MSE on masked patches, per band over valid pixels, averaged over bands.
+
+        Args:
+            images: [B, C, H, W] targets; valid: bool [B, C, H, W]; pred: [B, C, N, p*p];
+            mask: [B, N] 1 where a patch is a target.
+        """
+        target, pixel_valid = patch_targets(images, valid, self.encoder.patch_size)
+        if self.norm_pix:  # statistics of each patch's valid pixels only
+            mean, std = norm_pix(target, pixel_valid)
+            target = (target - mean) / std
+        weight = mask[:, None, :, None].float() * pixel_valid  # [B, C, N, p*p]
         error = (pred.float() - target) ** 2 * weight
         per_band = error.sum(dim=(0, 2, 3)) / weight.sum(dim=(0, 2, 3)).clamp_min(1.0)  # [C]
         return per_band.mean()
@@ -162,8 +198,8 @@ class MAE(nn.Module):
             _, pred, mask = self.reconstruct(view)
             images = view["image"]
             grid_h = images.shape[-2] // p
-            target = patchify(images, p)
-            mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
+            target, pixel_valid = patch_targets(images, valid_mask(view), p)
+            mean, std = norm_pix(target, pixel_valid)
             recon = pred.float() * std + mean if self.norm_pix else pred.float()  # undo norm_pix
             visible = (1 - mask)[:, None, :, None]
             out[sensor] = {

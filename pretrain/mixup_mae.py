@@ -6,7 +6,7 @@ take A's token and the rest B's (view 1); view 2 takes the exact complement. A p
 its sensor's target and spectral ranges along with its token: the reconstruction head predicts
 A's bands where the token came from A and B's bands where it came from B. Both views share one
 random 75% mask and go through the shared encoder and decoder of MAE; each view's loss is the
-per-band norm-pix MSE of MAE, each band counted over the masked positions where it is the
+per-band norm-pix MSE of MAE (over valid pixels), each band counted over the masked positions where it is the
 target, averaged over bands per sensor and then over the sensors. ``L = (L1 + L2) / 2``.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eoforge.models.spectral import patchify, unpatchify
-from eoforge.pretrain.mae import MAE, random_masking
+from eoforge.models.spectral import unpatchify
+from eoforge.pretrain.mae import MAE, norm_pix, patch_targets, random_masking
 from eoforge.pretrain.views import present_mask, valid_mask
 
 
@@ -161,8 +161,8 @@ class MixupMAE(MAE):
         (name_a, a), (name_b, b) = self.pair(batch)
         enc = self.encoder
         present_a, present_b = present_mask(a), present_mask(b)
-        tokens_a = self._tokens(a)  # [B, N, D]
-        tokens_b = self._tokens(b)  # [B, N, D]
+        tokens_a = self.tokenize(a)  # [B, N, D]
+        tokens_b = self.tokenize(b)  # [B, N, D]
         batch_size, length, dim = tokens_a.shape
         from_a = mixup_choice(present_a, present_b, length)  # [2, B, N]
         # Both views from the original tensors (the upstream bug built view 2 from view 1).
@@ -202,11 +202,6 @@ class MixupMAE(MAE):
             pred_b=pred_b,
         )
 
-    def _tokens(self, view: dict) -> torch.Tensor:
-        return self.encoder.tokenize(
-            view["image"], view["band_ids"], view["wavelengths"], view.get("gsd"), view.get("time")
-        )
-
     @torch.no_grad()
     def preview(self, batch: dict, max_images: int = 4) -> dict[str, dict[str, torch.Tensor]]:
         """View 1 per sensor: {sensor: {"input", "masked", "reconstruction", "band_ids",
@@ -223,11 +218,11 @@ class MixupMAE(MAE):
             (name_b, b, res.pred_b[0], ~res.from_a[0]),
         ):
             images = view["image"]
-            target = patchify(images, p)  # [b, C, N, p*p]
+            target, pixel_valid = patch_targets(images, valid_mask(view), p)  # [b, C, N, p*p]
             pred = pred.float()
             if self.norm_pix:  # undo the per-patch normalisation of the targets
-                mean = target.mean(-1, keepdim=True)
-                pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + mean
+                mean, std = norm_pix(target, pixel_valid)
+                pred = pred * std + mean
             owned = owned.to(target.dtype)[:, None, :, None]  # [b, 1, N, 1]
             hidden = res.mask[:, None, :, None]  # [b, 1, N, 1]
             seen = target * owned * (1 - hidden)

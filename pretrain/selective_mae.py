@@ -47,7 +47,7 @@ from eoforge.models.attention import attention
 from eoforge.models.pos_embed import sincos_2d
 from eoforge.models.spectral import patchify, unpatchify
 from eoforge.pretrain.hog import hog_energy
-from eoforge.pretrain.mae import MAE
+from eoforge.pretrain.mae import MAE, norm_pix, patch_targets
 from eoforge.pretrain.views import sensor_views, valid_mask
 
 PHASE_BOUNDS = (0.35, 0.375, 0.725, 0.75)  # epochs 280, 300, 580, 600 of 800
@@ -249,18 +249,18 @@ class SelectiveMAE(MAE):
         images, band_ids, wavelengths = view["image"], view["band_ids"], view["wavelengths"]
         valid = valid_mask(view)
         enc, p = self.encoder, self.encoder.patch_size
-        tokens = enc.tokenize(images, band_ids, wavelengths, view.get("gsd"), view.get("time"))
+        tokens = self.tokenize(view)
         keep, targets = self.select(tokens.detach(), hog_energy(images, p, valid))
         latent = enc.encode(tokens, keep)  # [B, 1 + K, D]
         z = self.decode(latent, targets, enc.grid(images))  # [B, M, Dd]
         pred = self.head(z, band_ids, wavelengths)  # [B, C, M, p*p]
         index = targets[:, None, :, None].expand(-1, images.shape[1], -1, p * p)
         target_pixels = patchify(images, p).gather(2, index)  # [B, C, M, p*p]
-        target_valid = None if valid is None else patchify(valid.float(), p).gather(2, index)
+        target_valid = patchify(valid, p).gather(2, index)  # [B, C, M, p*p]
         # MAE.loss patchifies images: hand it the targets laid out as a 1 x M strip of patches.
         loss = self.loss(
             unpatchify(target_pixels, p, 1),
-            None if target_valid is None else unpatchify(target_valid, p, 1),
+            unpatchify(target_valid, p, 1),
             pred,
             torch.ones_like(targets, dtype=pred.dtype),
         )
@@ -291,15 +291,13 @@ class SelectiveMAE(MAE):
             _, pred, keep, targets = self.reconstruct(view)
             images = view["image"]
             grid_h = images.shape[-2] // p
-            patches = patchify(images, p).float()  # [b, C, N, p*p]
+            patches, pixel_valid = patch_targets(images, valid_mask(view), p)  # [b, C, N, p*p]
             visible = torch.zeros(patches.shape[0], patches.shape[2], device=images.device)
             visible = visible.scatter_(1, keep, 1.0)[:, None, :, None]  # [b, 1, N, 1]
             index = targets[:, None, :, None].expand(-1, patches.shape[1], -1, p * p)
             recon = pred.float()  # [b, C, M, p*p]
             if self.norm_pix:  # undo norm_pix with each target patch's own statistics
-                at_targets = patches.gather(2, index)
-                mean = at_targets.mean(-1, keepdim=True)
-                std = (at_targets.var(-1, keepdim=True) + 1e-6).sqrt()
+                mean, std = norm_pix(patches.gather(2, index), pixel_valid.gather(2, index))
                 recon = recon * std + mean
             shown = patches * visible
             out[sensor] = {

@@ -10,7 +10,8 @@ import torch
 from real_batches import enmap_batch, paired_s1s2_batch
 
 from eoforge.models.registry import create_model
-from eoforge.pretrain.hyper_mae import HyperMAE, channel_masking, norm_pix
+from eoforge.pretrain.hyper_mae import HyperMAE, channel_masking
+from eoforge.pretrain.mae import norm_pix
 from eoforge.pretrain.objectives import objective_class
 
 SMALL_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)

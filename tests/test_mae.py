@@ -51,14 +51,14 @@ def test_loss_counts_only_masked_valid_pixels_per_band():
     target = patchify(images, 8)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     mask = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    valid = torch.ones_like(images, dtype=torch.bool)
     pred = target.clone()
     pred[:, :, :, :] += (1 - mask)[:, None, :, None] * 100.0  # wrong only on visible patches
-    assert mae.loss(images, None, pred, mask).item() < 1e-6
+    assert mae.loss(images, valid, pred, mask).item() < 1e-6
     pred = target.clone()
     pred[0, 2, 0] += 1.0  # error of 1 on every pixel of band 2's one masked patch in sample 0
     # Band 2 has 2 masked patches x 64 pixels; one is off by 1 -> band loss 0.5; mean over 4 bands.
-    assert abs(mae.loss(images, None, pred, mask).item() - 0.5 / 4) < 1e-5
-    valid = torch.ones_like(images, dtype=torch.bool)
+    assert abs(mae.loss(images, valid, pred, mask).item() - 0.5 / 4) < 1e-5
     valid[0, 2, :8, :8] = False  # the bad patch is nodata: it must not count
     assert mae.loss(images, valid, pred, mask).item() < 1e-6
 
