@@ -30,7 +30,9 @@ PAIRED = {"croma", "mixup_mae"}
 def paired(sample_data, tmp_path_factory) -> dict:
     """Real BigEarthNet S2 L2A tiles and their S1 partners, 32 x 32 pixels, B = 2, with the
     left half of every top-left patch of both sensors marked nodata."""
-    batch = paired_s1s2_batch(sample_data, tmp_path_factory.mktemp("pairs"), size=SIZE, batch_size=2)
+    batch = paired_s1s2_batch(
+        sample_data, tmp_path_factory.mktemp("pairs"), size=SIZE, batch_size=2
+    )
     for sensor in ("S2L2A", "S1GRD"):
         valid = batch[sensor]["valid"].clone()
         valid[..., :8, :4] = False  # [B, C, H, W]: half of patch 0 of every band
