@@ -7,8 +7,8 @@ parameters for an objective's hook after each optimizer step). Checkpoint folder
 resume selection live in ``eoforge.launch.checkpoints``.
 
 ``DeepSpeedEngine`` is the production path: ZeRO stage 1/2/3, bf16/fp16/fp32 or fp32 weights
-with bf16 autocast, gloo on CPU and NCCL on GPU. The optimizer is a torch AdamW handed to
-DeepSpeed (DeepSpeed's own optimizers compile C++ ops at first use, which costs a minute per
+with bf16 autocast, gloo on CPU and NCCL on GPU. The optimizer is a torch AdamW or SGD
+(``build_optimizer``, by ``optim.name``) handed to DeepSpeed (DeepSpeed's own optimizers compile C++ ops at first use, which costs a minute per
 fresh machine for no gain here).
 """
 
@@ -38,7 +38,7 @@ UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norms and learned tokens (1-D or named so)."""
+    """Optimizer groups: no decay on biases, norms and learned tokens (1-D or named so)."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -51,6 +51,28 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+# optim.name of the pretraining config: the torch optimizers build_optimizer makes.
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float
+) -> torch.optim.Optimizer:
+    """The torch optimizer ``name`` over ``groups`` (``param_groups``).
+
+    ``adamw`` uses ``betas`` (MAE's recipe); ``sgd`` is SGD with heavy-ball ``momentum``, the
+    MoCo-v2 / SeCo recipe (momentum 0.9).
+
+    Raises:
+        ConfigError: for an unknown name, naming optim.name and the known ones.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=torch.cuda.is_available())
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ConfigError(f"optim.name={name!r}: known optimizers are {list(OPTIMIZERS)}")
 
 
 def resolve_precision(precision: str, zero_stage: int = 2) -> str:
@@ -109,7 +131,8 @@ def deepspeed_config(
 
 
 class DeepSpeedEngine:
-    """An objective module wrapped by ``deepspeed.initialize`` with a torch AdamW.
+    """An objective module wrapped by ``deepspeed.initialize`` with a torch optimizer
+    (``build_optimizer``: AdamW, or SGD with ``momentum``).
 
     ``accumulation``: micro-batches per optimizer step (``backward_step`` steps the optimizer on
     the last of them). ``load_universal``: ``load`` will resume a checkpoint written at another
@@ -128,6 +151,8 @@ class DeepSpeedEngine:
         lr: float,
         weight_decay: float,
         betas: tuple[float, float],
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
         zero_stage: int = 2,
         precision: str = "auto",
         grad_clip: float = 1.0,
@@ -139,9 +164,7 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed()
         self.precision = resolve_precision(precision, zero_stage)
         groups = param_groups(module, weight_decay)
-        optimizer = torch.optim.AdamW(
-            groups, lr=lr, betas=tuple(betas), fused=torch.cuda.is_available()
-        )
+        optimizer = build_optimizer(optimizer, groups, lr, betas, momentum)
         if overlap_comm is None:
             overlap_comm = torch.cuda.is_available()
         config = deepspeed_config(

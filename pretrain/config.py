@@ -105,7 +105,11 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay; lr = blr * global_batch / 256 unless lr is set."""
+    """AdamW or SGD with momentum, linear warmup and cosine decay; lr = blr * global_batch / 256
+    unless lr is set."""
+
+    # adamw (with betas) or sgd (with momentum: MoCo-v2's and SeCo's optimiser).
+    name: str = "adamw"
 
     # Samples per optimizer step over all ranks; None: data.batch_size x world size. A multiple
     # of that is reached by accumulating gradients over global_batch / (batch_size x world size)
@@ -116,6 +120,7 @@ class OptimConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    momentum: float = 0.9  # sgd only
     warmup_steps: int = 10
 
 
@@ -167,12 +172,19 @@ class PretrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Impossible combinations fail here, before any process group starts, naming the key."""
-        from eoforge.launch.engine import ENGINES  # imports torch: only when a run is checked
+        # Imports torch: only when a run is checked.
+        from eoforge.launch.engine import ENGINES, OPTIMIZERS
 
         if self.engine.name not in ENGINES:
             raise ValueError(
                 f"engine.name={self.engine.name!r}: known engines are {sorted(ENGINES)}"
             )
+        if self.optim.name not in OPTIMIZERS:
+            raise ValueError(
+                f"optim.name={self.optim.name!r}: known optimizers are {list(OPTIMIZERS)}"
+            )
+        if not 0 <= self.optim.momentum < 1:
+            raise ValueError(f"optim.momentum={self.optim.momentum}: must be in [0, 1)")
         if self.engine.zero_stage not in (1, 2, 3):
             raise ValueError(f"engine.zero_stage={self.engine.zero_stage}: must be 1, 2 or 3")
         if self.engine.precision not in ("auto", "bf16", "fp16", "fp32", "bf16-autocast"):

@@ -1,8 +1,8 @@
 """Instance contrast: MoCo-v2 (Chen et al. 2020, arXiv:2003.04297) on two augmented views of one
 single-date image.
 
-Per sample, two independent random augmentations ``t_q`` and ``t_k`` (SeCo's resized crop, flips
-and brightness shift, plus the band jitter below) give a query ``q = f_q(t_q(x))`` and a key
+Per sample, two independent random augmentations ``t_q`` and ``t_k`` (the resized crop, flips
+and brightness shift of ``seasonal_contrast.Augmentation``, plus the band jitter below) give a query ``q = f_q(t_q(x))`` and a key
 ``k = f_k(t_k(x))``; ``f_k`` is a momentum (EMA) copy of the encoder and projection head. The loss
 is MoCo's InfoNCE, ``-log exp(q.k / tau) / (exp(q.k / tau) + sum_n exp(q.n / tau))``, with the
 negatives ``n`` from a queue of past keys gathered from every rank. It teaches the encoder what

@@ -1,7 +1,7 @@
 """Seasonal contrast (SeCo; SPECS O6): MoCo-v2 over two seasons of the same place.
 
 Per sample, a query season i and a key season j != i are drawn from the time series. With
-``t_q``, ``t_0``, ``t_2`` independent random augmentations (resized crop, flips, brightness):
+``t_q``, ``t_0``, ``t_2`` independent random augmentations (SeCo's recipe, below):
 
   query ``q  = t_q(x_i)``
   ``k0 = t_0(x_j)``  other season, augmented: differs from q in season and augmentation;
@@ -15,11 +15,35 @@ carry another augmentation, are negatives too); head 2 is invariant to augmentat
 k2; k0 and k1, from another season, are negatives too). Keys come from a momentum (EMA) copy of
 the encoder and heads; each head has a queue of past keys. The loss is the sum over heads of
 the InfoNCE at temperature tau.
+
+Augmentations (Manas et al. 2021, arXiv:2103.16607, MoCo-v2's recipe): random resized crop
+(area 0.2-1) and flips, then with probability 0.8 a colour jitter of brightness, contrast,
+saturation 0.4 and hue 0.1, random greyscale with probability 0.2, and with probability 0.5 a
+Gaussian blur of sigma 0.1-2 pixels. Each draw holds its parameters, so ``t_q`` applies to both
+seasons. Colour is defined for any band set (``ColourAugmentation``) through band groups: the
+bands whose wavelengths lie in one range of ``GROUP_EDGES_NM`` (visible, red edge and NIR, SWIR,
+thermal, radar) play the part of RGB's channels, so a visible group of blue, green and red is
+jittered as torchvision jitters RGB, and a group is never mixed with another (a reflectance with
+a backscatter). On standardised values, per sample:
+
+* brightness b in [0.6, 1.4]: every band is offset by b - 1 (a gain on reflectance is an
+  offset on standardised values, up to each band's mean-to-std ratio);
+* contrast c in [0.6, 1.4], per band: ``x <- c x + (1 - c) mean_hw(x)`` about the band's own
+  spatial mean;
+* saturation s in [0.6, 1.4]: ``x <- s x + (1 - s) g`` with ``g`` the mean of the band's group
+  at that pixel (the group's "grey");
+* hue h in [-0.1, 0.1]: the chroma ``x - g`` of a group of n bands is shifted cyclically by
+  h * n bands along the group's band order, interpolating between neighbours (RGB's hue is a
+  rotation of the chroma about the grey axis, i.e. a cyclic shift over R, G, B; a
+  single-band group has no chroma and is left unchanged);
+* greyscale: every band replaced by its group's mean;
+* blur: each band convolved with the same Gaussian.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +121,124 @@ class Augmentation:
         return out + self.shift.to(images.dtype)[:, None, None, None]
 
 
+# Band-group boundaries (nm) of the colour augmentation: visible | red edge and NIR | SWIR |
+# thermal | radar (SAR bands carry the radar wavelength, 5.5e7 nm for C-band).
+GROUP_EDGES_NM = (700.0, 1000.0, 3000.0, 1e5)
+BLUR_RADIUS = 6  # pixels each side of the blur kernel: 3 sigma at the largest sigma, 2
+
+
+def band_groups(wavelengths: torch.Tensor) -> torch.Tensor:
+    """Group index [C] of every band, from wavelengths [C] or [B, C] (every row the same bands)."""
+    row = wavelengths if wavelengths.dim() == 1 else wavelengths[0]
+    edges = torch.tensor(GROUP_EDGES_NM, device=row.device)
+    return torch.bucketize(row.float(), edges)
+
+
+def group_mean(groups: torch.Tensor) -> torch.Tensor:
+    """[C, C] averaging matrix: ``M @ x`` puts each band's group mean in its place."""
+    same = (groups[:, None] == groups[None, :]).float()  # [C, C]
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def hue_shift(groups: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """[B, C, C] matrices shifting each group's bands cyclically by ``hue`` [B] x its size, with
+    linear interpolation between neighbouring bands (the identity at hue 0)."""
+    b, c = hue.shape[0], groups.shape[0]
+    out = torch.zeros(b, c, c, device=hue.device)
+    rows = torch.arange(b, device=hue.device)[:, None]  # [B, 1]
+    for g in groups.unique():
+        members = (groups == g).nonzero().squeeze(1)  # [n] the group's bands, in band order
+        n = members.numel()
+        source = torch.arange(n, device=hue.device) - hue[:, None] * n  # [B, n] fractional
+        low = source.floor()
+        frac = source - low  # [B, n]
+        low = low.long() % n
+        target = members.expand(b, n)  # [B, n]
+        out.index_put_((rows, target, members[low]), 1 - frac, accumulate=True)
+        out.index_put_((rows, target, members[(low + 1) % n]), frac, accumulate=True)
+    return out
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> every band of sample i blurred with a Gaussian of ``sigma[i]`` pixels
+    (separable, edges replicated); sigma 0 leaves the sample unchanged."""
+    b, c, h, w = images.shape
+    offsets = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=images.device).float()  # [K]
+    kernel = torch.exp(-(offsets**2) / (2 * sigma.clamp_min(1e-6)[:, None] ** 2))  # [B, K]
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(images.dtype)
+    kernel = kernel.repeat_interleave(c, dim=0)  # [B*C, K], one per band
+    x = F.pad(images.reshape(1, b * c, h, w), [BLUR_RADIUS] * 4, mode="replicate")
+    x = F.conv2d(x, kernel[:, None, None, :], groups=b * c)  # along W
+    x = F.conv2d(x, kernel[:, None, :, None], groups=b * c)  # along H
+    return x.reshape(b, c, h, w)
+
+
+@dataclass
+class ColourAugmentation:
+    """SeCo's colour jitter, greyscale and blur for any band set (module docstring), drawn once
+    per sample and applicable to several images.
+
+    Attributes:
+        offset: [B] brightness offset in normalised units (0 where the jitter is off).
+        contrast: [B] contrast factor (1 where off).
+        mix: [B, C, C] saturation, hue and greyscale as one band mixing (``x <- mix @ x``).
+        blur: [B] Gaussian sigma in pixels (0: no blur).
+    """
+
+    offset: torch.Tensor
+    contrast: torch.Tensor
+    mix: torch.Tensor
+    blur: torch.Tensor
+
+    @classmethod
+    def draw(
+        cls,
+        batch: int,
+        wavelengths: torch.Tensor,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.1,
+        p_jitter: float = 0.8,
+        p_grey: float = 0.2,
+        p_blur: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+    ) -> ColourAugmentation:
+        """Factors uniform in ``1 +- brightness`` (etc.) and hue in ``+- hue``, each jitter on
+        with probability ``p_jitter``, greyscale with ``p_grey`` and blur with ``p_blur``, per
+        sample; the bands' groups come from ``wavelengths`` [C] or [B, C]."""
+        device = wavelengths.device
+        groups = band_groups(wavelengths)  # [C]
+        eye = torch.eye(groups.shape[0], device=device)  # [C, C]
+        mean = group_mean(groups)  # [C, C]
+
+        def uniform(spread: float) -> torch.Tensor:
+            return (2 * torch.rand(batch, device=device) - 1) * spread  # [B]
+
+        on = torch.rand(batch, device=device) < p_jitter  # [B]
+        offset = torch.where(on, uniform(brightness), 0.0)
+        contrast_factor = torch.where(on, 1 + uniform(contrast), 1.0)
+        sat = torch.where(on, 1 + uniform(saturation), 1.0)[:, None, None]  # [B, 1, 1]
+        saturate = sat * eye + (1 - sat) * mean  # [B, C, C]
+        # The hue shift moves the chroma (x - g) and keeps the grey g.
+        rotate = mean + hue_shift(groups, torch.where(on, uniform(hue), 0.0)) @ (eye - mean)
+        grey = (torch.rand(batch, device=device) < p_grey)[:, None, None]  # [B, 1, 1]
+        mix = torch.where(grey, mean, eye) @ rotate @ saturate  # [B, C, C]
+        low, high = blur_sigma
+        sigma = low + (high - low) * torch.rand(batch, device=device)
+        blur = torch.where(torch.rand(batch, device=device) < p_blur, sigma, 0.0)
+        return cls(offset, contrast_factor, mix, blur)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> the same images jittered, mixed and blurred."""
+        dtype = images.dtype
+        x = images + self.offset.to(dtype)[:, None, None, None]
+        c = self.contrast.to(dtype)[:, None, None, None]  # [B, 1, 1, 1]
+        x = c * x + (1 - c) * x.mean(dim=(2, 3), keepdim=True)
+        x = torch.einsum("bij,bjhw->bihw", self.mix.to(dtype), x)
+        return gaussian_blur(x, self.blur)
+
+
 class SeasonalContrast(HoldsMomentumCopy, nn.Module):
     """SeCo's seasonal contrast over the shared encoder (see module docstring; SPECS O6).
 
@@ -123,7 +265,10 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
         temperature: tau of the InfoNCE.
         momentum: EMA coefficient m of the key encoder.
         min_crop_scale: smallest crop area, as a fraction of the image.
-        brightness: largest brightness shift, in normalised units.
+        brightness, contrast, saturation, hue: the colour jitter's spreads (SeCo: 0.4, 0.4,
+            0.4, 0.1; ``ColourAugmentation``).
+        p_jitter, p_grey, p_blur: probabilities of the colour jitter, greyscale and blur (SeCo:
+            0.8, 0.2, 0.5).
     """
 
     name = "seasonal_contrast"
@@ -136,7 +281,13 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
         temperature: float = 0.07,
         momentum: float = 0.999,
         min_crop_scale: float = 0.2,
-        brightness: float = 0.1,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.1,
+        p_jitter: float = 0.8,
+        p_grey: float = 0.2,
+        p_blur: float = 0.5,
     ):
         super().__init__()
         if not isinstance(encoder, SpectralViT):
@@ -149,7 +300,13 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
             ("temperature", temperature, temperature > 0),
             ("momentum", momentum, 0 <= momentum < 1),
             ("min_crop_scale", min_crop_scale, 0 < min_crop_scale <= 1),
-            ("brightness", brightness, brightness >= 0),
+            ("brightness", brightness, 0 <= brightness <= 1),
+            ("contrast", contrast, 0 <= contrast <= 1),
+            ("saturation", saturation, 0 <= saturation <= 1),
+            ("hue", hue, 0 <= hue <= 0.5),
+            ("p_jitter", p_jitter, 0 <= p_jitter <= 1),
+            ("p_grey", p_grey, 0 <= p_grey <= 1),
+            ("p_blur", p_blur, 0 <= p_blur <= 1),
         ):
             if not ok:
                 raise ValueError(f"{option}={value}: out of range (see SeasonalContrast)")
@@ -157,7 +314,15 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
         self.temperature = temperature
         self.momentum = momentum
         self.min_crop_scale = min_crop_scale
-        self.brightness = brightness
+        self.colour = dict(
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+            p_jitter=p_jitter,
+            p_grey=p_grey,
+            p_blur=p_blur,
+        )
         dim = encoder.embed_dim
         # MoCo-v2 heads: Linear -> ReLU -> Linear.
         self.heads = nn.ModuleList(
@@ -208,9 +373,7 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
         t_own = t_other = None
         if time is not None:
             t_own, t_other = time[rows, q_idx], time[rows, k_idx]  # [B]
-        aug_q, aug_0, aug_2 = (
-            Augmentation.draw(b, device, self.min_crop_scale, self.brightness) for _ in range(3)
-        )
+        aug_q, aug_0, aug_2 = (self.augmentation(b, view["wavelengths"]) for _ in range(3))
         present = present_mask(view)
 
         v_q = pool(self._encode(self.encoder, aug_q(own), view, t_own))  # [B, D]
@@ -239,6 +402,14 @@ class SeasonalContrast(HoldsMomentumCopy, nn.Module):
         if self.training:
             self._enqueue(positives, present)
         return torch.stack(losses), health
+
+    def augmentation(self, batch: int, wavelengths: torch.Tensor) -> Callable:
+        """One random draw of SeCo's augmentation: images [B, C, H, W] -> views [B, C, H, W]
+        (crop and flips, then colour), the same parameters for every image it is applied to."""
+        # Brightness is the colour jitter's, not the crop's offset.
+        crop = Augmentation.draw(batch, wavelengths.device, self.min_crop_scale, brightness=0.0)
+        colour = ColourAugmentation.draw(batch, wavelengths, **self.colour)
+        return lambda images: colour(crop(images))
 
     def _encode(self, encoder, images, view, time, copies: int = 1) -> torch.Tensor:
         """Encoder features [B', 1 + N, D] of images [B', C, H, W] = ``copies`` x the batch."""

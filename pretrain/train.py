@@ -110,6 +110,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         lr=peak_lr,
         weight_decay=cfg.optim.weight_decay,
         betas=cfg.optim.betas,
+        optimizer=cfg.optim.name,
+        momentum=cfg.optim.momentum,
         zero_stage=cfg.engine.zero_stage,
         precision=cfg.engine.precision,
         grad_clip=cfg.engine.grad_clip,
