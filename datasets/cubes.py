@@ -56,6 +56,7 @@ from eoforge.datasets.errors import DataError
 from eoforge.datasets.geotiff import INTEGER_DTYPES, Scene, find_files, pixel_size_m
 from eoforge.datasets.ingest import (
     MAX_NAMED_SCENES,
+    WRITE_ORDER_SEED,
     _tile_meta,
     check_build_options,
     stored_array,
@@ -249,6 +250,7 @@ def build_cube_shards(
     max_nodata_fraction: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    order_seed: int | None = WRITE_ORDER_SEED,
 ) -> dict:
     """Turn a cube, or a folder of cubes, into a shard folder (as ``ingest.build_shards`` does
     for GeoTIFFs: same tiling, shard format, index.json and summary).
@@ -269,6 +271,8 @@ def build_cube_shards(
             exceeds this.
         overwrite: replace shards (and the now stale stats.json) already in ``out``.
         progress: show a progress bar over scenes (time steps).
+        order_seed: seed of the order the samples are written in (``write_shard_folder``);
+            None keeps the order they are read in.
 
     Returns:
         A summary: output folder, cube/scene/sample/shard counts, skipped tiles and scenes, the
@@ -369,7 +373,13 @@ def build_cube_shards(
         )
 
     counts = write_shard_folder(
-        out, samples(), index, shard_size=shard_size, overwrite=overwrite, empty=nothing_kept
+        out,
+        samples(),
+        index,
+        shard_size=shard_size,
+        overwrite=overwrite,
+        empty=nothing_kept,
+        order_seed=order_seed,
     )
     summary.update(samples=sum(counts), shards=len(counts), quality=quality.report())
     return summary

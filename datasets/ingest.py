@@ -83,6 +83,7 @@ def build_shards(
     max_nodata_fraction: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    order_seed: int | None = WRITE_ORDER_SEED,
 ) -> dict:
     """Turn a folder of GeoTIFFs into a shard folder (see ``eoforge.datasets.shards``).
 
@@ -103,6 +104,8 @@ def build_shards(
             exceeds this.
         overwrite: replace shards (and the now stale stats.json) already in ``out``.
         progress: show a progress bar over scenes.
+        order_seed: seed of the order the samples are written in (``write_shard_folder``);
+            None keeps the order they are read in.
 
     Returns:
         A summary: output folder, scene/sample/shard counts, skipped tiles and scenes, the
@@ -178,7 +181,13 @@ def build_shards(
         )
 
     counts = write_shard_folder(
-        out, samples(), index, shard_size=shard_size, overwrite=overwrite, empty=nothing_kept
+        out,
+        samples(),
+        index,
+        shard_size=shard_size,
+        overwrite=overwrite,
+        empty=nothing_kept,
+        order_seed=order_seed,
     )
     summary.update(samples=sum(counts), shards=len(counts), quality=quality.report())
     return summary

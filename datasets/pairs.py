@@ -53,6 +53,7 @@ from eoforge.datasets.geotiff import (
     read_scene,
 )
 from eoforge.datasets.ingest import (
+    WRITE_ORDER_SEED,
     check_build_options,
     keep_scene,
     stored_array,
@@ -397,6 +398,7 @@ def build_paired_shards(
     max_nodata_fraction: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    order_seed: int | None = WRITE_ORDER_SEED,
 ) -> dict:
     """Build a group shard folder: co-registered sensors and/or time series per sample.
 
@@ -419,6 +421,8 @@ def build_paired_shards(
             series), with the cloud layers shipped with that product.
         overwrite: replace shards (and the now stale stats.json) already in ``out``.
         progress: show a progress bar over groups.
+        order_seed: seed of the order the samples are written in (``write_shard_folder``);
+            None keeps the order they are read in.
 
     Returns:
         A summary: products per sensor, groups, samples, shards, skipped tiles, invalid pixels
@@ -520,7 +524,13 @@ def build_paired_shards(
         )
 
     counts = write_shard_folder(
-        out, samples(), index, shard_size=shard_size, overwrite=overwrite, empty=nothing_kept
+        out,
+        samples(),
+        index,
+        shard_size=shard_size,
+        overwrite=overwrite,
+        empty=nothing_kept,
+        order_seed=order_seed,
     )
     summary.update(samples=sum(counts), shards=len(counts), quality=quality.report())
     lacking = {s: n for s, n in summary["missing"].items() if n}

@@ -1,8 +1,10 @@
 """Real batches through the whole data layer, for tests of objectives and models.
 
 Each function builds shards from the real sample data (``sample_data``, see conftest.py) into
-``out`` (a pytest tmp folder), computes their statistics, reads them back with ``ShardStream``
-(no shuffling, seed 0) and returns the first batch in the batch contract. ``size`` is the tile
+``out`` (a pytest tmp folder) in the order the tiles are read (``order_seed=None``: the first
+batch holds each source's first tiles, whatever the builders' default order), computes their
+statistics, reads them back with ``ShardStream`` (no shuffling, seed 0) and returns the first
+batch in the batch contract. ``size`` is the tile
 side: tiles are cut from the real scenes, so every batch holds real, normalised pixels.
 """
 
@@ -37,7 +39,12 @@ def s2_batch(sample_data: Path, out: Path, size: int = 64, batch_size: int = 2) 
     """BigEarthNet Sentinel-2 L2A tiles (12 bands on the 10 m grid): view "S2L2A" [B, 12, s, s]."""
     shards = Path(out) / "s2"
     build_shards(
-        Path(sample_data) / BEN / "s2-tiny", shards, "S2L2A", tile_size=size, progress=False
+        Path(sample_data) / BEN / "s2-tiny",
+        shards,
+        "S2L2A",
+        tile_size=size,
+        progress=False,
+        order_seed=None,
     )
     return first_batch(shards, batch_size)
 
@@ -53,6 +60,7 @@ def enmap_batch(sample_data: Path, out: Path, size: int = 64, batch_size: int = 
         pattern=ENMAP_PATTERN,
         tile_size=size,
         progress=False,
+        order_seed=None,
     )
     return first_batch(shards, batch_size)
 
@@ -90,6 +98,7 @@ def paired_s1s2_batch(
         lone_partners=False,  # every sample holds both sensors
         tile_size=size,
         progress=False,
+        order_seed=None,
     )
     return first_batch(shards, batch_size)
 
@@ -106,5 +115,6 @@ def seasonal_batch(sample_data: Path, out: Path, size: int = 64) -> dict:
         series=True,
         tile_size=size,
         progress=False,
+        order_seed=None,
     )
     return first_batch(shards, 1)
