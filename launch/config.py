@@ -24,13 +24,20 @@ class ConfigError(ValueError):
 def load_config(
     schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> T:
-    """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides, as a ``schema`` object."""
+    """Defaults of ``schema`` <- YAML at ``path`` <- ``key=value`` overrides, as a ``schema`` object.
+
+    An error names the key and blames where it came from: the YAML file, or the override on the
+    command line.
+    """
     with _naming_the_key(path):
         merged = OmegaConf.structured(schema)
         if path is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_key_value_items(overrides)))
+    # One override at a time, so that an error quotes the override that caused it.
+    for item in _key_value_items(overrides):
+        with _naming_the_key(f"the command-line override {item!r}"):
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    with _naming_the_key(path):
         return OmegaConf.to_object(merged)
 
 
@@ -57,15 +64,15 @@ def _key_value_items(items: Sequence[str], kind: str = "override") -> list[str]:
 
 @contextmanager
 def _naming_the_key(where: str | Path | None) -> Iterator[None]:
-    """OmegaConf's errors as ConfigError naming the key (and ``where``, when given)."""
+    """OmegaConf's errors as one-line ConfigErrors naming the key (and ``where``, when given),
+    without the lines OmegaConf adds about its own types (full_key, reference_type, ...)."""
     try:
         yield
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         place = f" in {where}" if where else ""
-        raise ConfigError(
-            f"config key {key!r}{place}: {err.msg if hasattr(err, 'msg') else err}"
-        ) from err
+        message = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"config key {key!r}{place}: {message}") from err
 
 
 def save_config(config, path: str | Path) -> None:
