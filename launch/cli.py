@@ -14,6 +14,7 @@ import their implementation (torch, readers) inside ``run``, so ``--help`` stays
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -53,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         UnsafeCheckpointError,
         FileNotFoundError,
     ) as err:
+        if args.debug or os.environ.get("EOFORGE_DEBUG") == "1":
+            raise
         print(f"eoforge: error: {err}", file=sys.stderr)
         return 2
 
@@ -64,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eoforge",
         description="Pretrain, release and evaluate multi-sensor Earth-observation foundation models.",
         epilog="Start with `eoforge pretrain` (a CPU demo end to end), then `eoforge <verb> --help`.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also EOFORGE_DEBUG=1)",
     )
     found = sorted(entry_points(group=GROUP), key=_help_position)
     top = [ep.name for ep in found if "." not in ep.name]

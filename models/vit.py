@@ -24,7 +24,7 @@ from eoforge.models.attention import Block
 from eoforge.models.channel_groups import ChannelGroupPatchEmbed
 from eoforge.models.dofa import DynamicPatchEmbed
 from eoforge.models.pos_embed import patch_grid
-from eoforge.models.registry import register_model
+from eoforge.models.registry import check_options, register_model, unknown_choice
 from eoforge.models.sincos import sincos_2d_gsd, sincos_2d_temporal
 from eoforge.models.spectral import SpectrumAwarePatchEmbed
 from eoforge.models.spectral_adapter import SpectralAdapterPatchEmbed
@@ -93,6 +93,21 @@ class SpectralViT(nn.Module):
         self.patch_embed = build_tokenizer(
             tokenizer, patch_size, embed_dim, **(tokenizer_kwargs or {})
         )
+
+    @staticmethod
+    def check_options(kwargs: dict, key: str) -> None:
+        """The tokenizer's name and options in ``kwargs`` are known (``check_model`` calls this
+        before anything is built).
+
+        Raises:
+            ValueError: naming ``key.tokenizer`` or ``key.tokenizer_kwargs.<option>``.
+        """
+        name = kwargs.get("tokenizer", "spectral")
+        if name not in TOKENIZERS:
+            raise unknown_choice(f"{key}.tokenizer", name, TOKENIZERS, "tokenizer")
+        options = kwargs.get("tokenizer_kwargs") or {}
+        fixed = ("patch_size", "embed_dim")  # the ViT passes its own
+        check_options(TOKENIZERS[name], options, f"{key}.tokenizer_kwargs", fixed)
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid (rows, cols) of an image batch; sides must be multiples of the patch."""

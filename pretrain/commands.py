@@ -110,15 +110,21 @@ def loaded_config(config: str | Path, overrides: list[str]):
 
 
 def validate_for(cfg, world_size: int) -> None:
-    """The config's own checks for ``world_size`` ranks, as a ConfigError naming the key."""
+    """Everything checkable before a run starts, for ``world_size`` ranks: the config's own
+    checks, the model, its tokenizer and the objective with their options, and the shards. A
+    failure is one line naming the key (ConfigError, or DataError for the shards)."""
     from eoforge.launch.config import ConfigError
+    from eoforge.models.registry import check_model
+    from eoforge.pretrain.data import check_shards
     from eoforge.pretrain.objectives import validate_objective
 
     try:
         cfg.validate(world_size)
+        check_model(cfg.model.name, cfg.model.kwargs)
         validate_objective(cfg.objective)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_shards(cfg.data, world_size)
 
 
 def run_release_build(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ position kept in checkpoints, and a debug record of the samples each step saw.""
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from functools import partial
@@ -14,7 +15,7 @@ import torch
 from eoforge.datasets.augment import AugmentConfig, augment_sample
 from eoforge.datasets.errors import DataError
 from eoforge.datasets.ingest import build_shards
-from eoforge.datasets.reader import ShardSet, ShardStream, Transform
+from eoforge.datasets.reader import ShardSet, ShardStream, Transform, shard_sensor
 from eoforge.datasets.shards import STATS_FILE, list_shards
 from eoforge.datasets.stats import Normaliser, compute_stats
 from eoforge.datasets.synthetic import write_demo_scenes
@@ -61,6 +62,63 @@ def resolve_shard_dirs(cfg: DataConfig) -> list[Path]:
     else:
         folders = [spec_folder(s) for s in training_specs(cfg)]
     return list(dict.fromkeys(folders))
+
+
+def check_shards(cfg: DataConfig, world_size: int) -> None:
+    """Every shard spec of the run names shards that exist, and each rank's workers get shards:
+    checked before the run folder or any process group exists (the demo's shards are made
+    later; pipe: commands are not run to check them).
+
+    Raises:
+        DataError: one line naming the key (``data.shards[0]``), the spec and what fits.
+    """
+    if cfg.demo:
+        return
+    sets = [("data.shards", cfg.shards)] if cfg.shards else []
+    sets += [(f"data.mixture[{i}].shards", e["shards"]) for i, e in enumerate(cfg.mixture)]
+    sizes = [_largest_source(key, specs) for key, specs in sets]
+    largest = None if None in sizes else max(sizes)
+    for i, spec in enumerate(cfg.val_shards):
+        _shards_of(f"data.val_shards[{i}]", str(spec))
+    workers = max(1, cfg.num_workers)
+    if largest is not None and largest < world_size * workers:
+        raise DataError(
+            f"data.shards: {world_size} rank(s) x {workers} worker(s) need {world_size * workers} "
+            f"shards of one sensor, the largest source has {largest}; use fewer ranks or "
+            "data.num_workers, or rebuild with a smaller --shard-size"
+        )
+
+
+def _largest_source(key: str, specs: list) -> int | None:
+    """The shard count of the largest sensor source in one shard set (as the reader splits it),
+    or None when a pipe: command hides it."""
+    by_sensor: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if str(spec).startswith("pipe:"):
+            return None
+        for url in _shards_of(f"{key}[{i}]", str(spec)):
+            sensor = shard_sensor(url)
+            by_sensor[sensor] = by_sensor.get(sensor, 0) + 1
+    return max(by_sensor.values(), default=0)
+
+
+def _shards_of(key: str, spec: str) -> list[str]:
+    """The shards of ``spec``, or a DataError naming ``key``, the spec and the nearest folders."""
+    if spec.startswith("pipe:"):
+        return []
+    path = Path(spec)
+    if "{" not in spec and not path.exists():
+        siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        near = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(str(path.parent / n) for n in near)}?" if near else ""
+        raise DataError(f"{key}={spec!r}: no such shard folder{hint}")
+    try:
+        urls = list_shards(spec)
+    except DataError as err:
+        raise DataError(f"{key}={spec!r}: {err}") from None
+    if not urls:
+        raise DataError(f"{key}={spec!r}: holds no shards; run eoforge data build SRC {spec}")
+    return urls
 
 
 def make_demo_shards(progress: bool = True) -> None:

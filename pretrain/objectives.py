@@ -17,12 +17,12 @@ its own decoders and heads, the encoder's parameters receive the summed gradient
 from __future__ import annotations
 
 import importlib
-import inspect
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from eoforge.models.registry import check_options, unknown_choice
 from eoforge.pretrain.config import ObjectiveConfig
 
 # name -> "module:Class", imported on first use so a run loads only the objectives it trains.
@@ -43,18 +43,14 @@ OBJECTIVES = {
 def objective_class(name: str) -> type[nn.Module]:
     """The class registered under ``name``; an unknown name is an error listing the known ones."""
     if name not in OBJECTIVES:
-        raise ValueError(f"objective {name!r}: known objectives are {sorted(OBJECTIVES)}")
+        raise unknown_choice("objective.name", name, OBJECTIVES, "objective")
     module, cls = OBJECTIVES[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def check_kwargs(name: str, kwargs: dict, key: str) -> None:
     """Fail before training starts when ``kwargs`` names an option the objective does not take."""
-    params = inspect.signature(objective_class(name).__init__).parameters
-    accepted = [p for p in params if p not in ("self", "encoder")]
-    for option in kwargs:
-        if option not in accepted:
-            raise ValueError(f"{key}.{option}: objective {name!r} takes {sorted(accepted)}")
+    check_options(objective_class(name), kwargs, key, fixed=("encoder",))
 
 
 def terms_of(cfg: ObjectiveConfig) -> list[tuple[str, float, dict, str]]:

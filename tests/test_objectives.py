@@ -13,8 +13,8 @@ from eoforge.pretrain.mae import MAE
 from eoforge.pretrain.objectives import Composite, build_objective, terms_of, validate_objective
 
 
-def test_unknown_objective_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known objectives are .*'mae'"):
+def test_unknown_objective_names_the_nearest_ones():
+    with pytest.raises(ValueError, match="objective.name='mea'.*did you mean mae"):
         validate_objective(ObjectiveConfig(name="mea"))
 
 
