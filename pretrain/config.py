@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_WARMUP_STEPS = 10
 
 
 @dataclass
@@ -121,7 +122,29 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     momentum: float = 0.9  # sgd only
-    warmup_steps: int = 10
+    # Linear warm-up, in steps or as a fraction of the run (where a paper states it in epochs of
+    # its run); one of the two. Neither: DEFAULT_WARMUP_STEPS.
+    warmup_steps: int | None = None
+    warmup_fraction: float | None = None
+
+    def warmup(self, steps: int) -> int:
+        """Warm-up steps of a run of ``steps`` optimizer steps."""
+        if self.warmup_fraction is not None:
+            return round(self.warmup_fraction * steps)
+        return DEFAULT_WARMUP_STEPS if self.warmup_steps is None else self.warmup_steps
+
+    def validate(self) -> None:
+        """Warm-up stated once, and within range."""
+        if self.warmup_steps is not None and self.warmup_fraction is not None:
+            raise ValueError(
+                f"optim.warmup_steps={self.warmup_steps} and optim.warmup_fraction="
+                f"{self.warmup_fraction}: set one of the two (optim.warmup_steps=null to keep "
+                "the fraction)"
+            )
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"optim.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
 
 
 @dataclass
@@ -183,6 +206,7 @@ class PretrainConfig:
             raise ValueError(
                 f"optim.name={self.optim.name!r}: known optimizers are {list(OPTIMIZERS)}"
             )
+        self.optim.validate()
         if not 0 <= self.optim.momentum < 1:
             raise ValueError(f"optim.momentum={self.optim.momentum}: must be in [0, 1)")
         if self.engine.zero_stage not in (1, 2, 3):

@@ -41,7 +41,15 @@ from eoforge.pretrain.data import (
     restore_position,
 )
 from eoforge.pretrain.objectives import build_objective, objective_label, validate_objective
-from eoforge.pretrain.schedule import lr_at, step_seed
+from eoforge.pretrain.schedule import (
+    STALL_WINDOW,
+    loss_has_not_moved,
+    lr_at,
+    peak_lr,
+    schedule_warnings,
+    stalled_loss_warning,
+    step_seed,
+)
 
 
 @torch.no_grad()
@@ -99,7 +107,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     objective = build_objective(cfg.objective, encoder)
     accumulation = cfg.accumulation(dist_env.world_size)
     global_batch = cfg.data.batch_size * dist_env.world_size * accumulation
-    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
+    peak = peak_lr(cfg.optim, global_batch)
+    warmup = cfg.optim.warmup(cfg.steps)
     resume = newest_whole(run.checkpoints, is_main=dist_env.is_main)
     # A checkpoint of another world size resumes through the engine's universal form.
     resized = resume is not None and resume.world_size not in (None, dist_env.world_size)
@@ -107,7 +116,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         cfg.engine.name,
         objective,
         micro_batch=cfg.data.batch_size,
-        lr=peak_lr,
+        lr=peak,
         weight_decay=cfg.optim.weight_decay,
         betas=cfg.optim.betas,
         optimizer=cfg.optim.name,
@@ -128,8 +137,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         f"{'resuming at step ' + str(step) if step else 'starting'}: {cfg.model.name} + "
         f"{objective_label(cfg.objective)}, ZeRO-{cfg.engine.zero_stage} {engine.precision}, world size "
         f"{dist_env.world_size}, global batch {global_batch} ({accumulation} micro-batch(es) per "
-        f"step), peak lr {peak_lr:.2e}"
+        f"step), peak lr {peak:.2e}, warm-up {warmup} steps"
     )
+    for message in schedule_warnings(cfg.optim, cfg.steps, global_batch):
+        log.warning(message)
     if resized:
         log.info(
             f"{resume.path} was written by {resume.world_size} rank(s); data positions remapped"
@@ -141,6 +152,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     batches = stream.iter_batches()
     sample_log = SampleLog(run.logs, dist_env.rank) if cfg.data.log_ids else None
     window_start, window_losses = time.perf_counter(), []
+    after_warmup = []  # the logged losses after warm-up, for loss_has_not_moved
     guard = NonFiniteGuard(cfg.engine.nonfinite_limit, int(state.get("nonfinite_skipped", 0)))
 
     def save(step: int) -> None:
@@ -152,7 +164,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     with StopRequest() as stop:
         while step < cfg.steps:
             torch.manual_seed(step_seed(cfg.seed, step, dist_env.rank))
-            lr = lr_at(step, peak_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr)
+            lr = lr_at(step, peak, warmup, cfg.steps, cfg.optim.min_lr)
             engine.set_lr(lr)
             if hasattr(objective, "set_progress"):
                 objective.set_progress(step / cfg.steps)
@@ -204,6 +216,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 )
                 for message in collapse_warnings(values, step):
                     log.warning(message)
+                if step > warmup and len(after_warmup) < STALL_WINDOW:
+                    after_warmup.append(values["loss"])
+                    if loss_has_not_moved(after_warmup):
+                        log.warning(stalled_loss_warning(after_warmup, cfg.optim, global_batch))
                 window_start, window_losses = time.perf_counter(), []
             if val_stream and step % cfg.data.val_every == 0:
                 val = validation_loss(
