@@ -22,7 +22,7 @@ def get_logger(log_dir: Path | None = None, rank: int = 0) -> logging.Logger:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
+    fmt = LevelFormatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
     if rank == 0:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(fmt)
@@ -33,6 +33,17 @@ def get_logger(log_dir: Path | None = None, rank: int = 0) -> logging.Logger:
         file.setFormatter(fmt)
         logger.addHandler(file)
     return logger
+
+
+class LevelFormatter(logging.Formatter):
+    """Marks warnings and errors (``warning: ...``) so that they stand out among the step lines
+    of a console or a rank log; INFO lines stay as they are."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING:
+            marked = f"{record.levelname.lower()}: {record.message}"
+            record = logging.makeLogRecord({**record.__dict__, "message": marked})
+        return super().formatMessage(record)
 
 
 def false_colour_bands(band_ids: Sequence[str], wavelengths: Sequence[float]) -> list[int]:

@@ -73,7 +73,7 @@ def test_warnings_reach_the_console_and_the_rank_log(tmp_path, capsys):
     log.warning(stalled_loss_warning(losses, OptimConfig(), global_batch=8))
     for handler in log.handlers:
         handler.flush()
-    expected = "the loss has not moved in the 6 log intervals after warm-up"
+    expected = "[rank 0] warning: the loss has not moved in the 6 log intervals after warm-up"
     assert expected in capsys.readouterr().out
     assert expected in (tmp_path / "rank0.log").read_text()
     assert "try optim.blr=1.5e-03" in (tmp_path / "rank0.log").read_text()
