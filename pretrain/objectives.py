@@ -40,10 +40,11 @@ OBJECTIVES = {
 }
 
 
-def objective_class(name: str) -> type[nn.Module]:
-    """The class registered under ``name``; an unknown name is an error listing the known ones."""
+def objective_class(name: str, key: str = "objective.name") -> type[nn.Module]:
+    """The class registered under ``name``; an unknown name is an error naming ``key`` and the
+    nearest known names."""
     if name not in OBJECTIVES:
-        raise unknown_choice("objective.name", name, OBJECTIVES, "objective")
+        raise unknown_choice(key, name, OBJECTIVES, "objective")
     module, cls = OBJECTIVES[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -84,6 +85,7 @@ def objective_label(cfg: ObjectiveConfig) -> str:
 def validate_objective(cfg: ObjectiveConfig) -> None:
     """Names and options of every term are known (runs before any process group starts)."""
     for i, (name, weight, kwargs, key) in enumerate(terms_of(cfg)):
+        objective_class(name, f"objective.terms[{i}].name" if cfg.terms else "objective.name")
         check_kwargs(name, kwargs, key)
         if weight <= 0:
             raise ValueError(f"objective.terms[{i}].weight={weight}: must be > 0")

@@ -16,6 +16,9 @@ from eoforge.pretrain.objectives import Composite, build_objective, terms_of, va
 def test_unknown_objective_names_the_nearest_ones():
     with pytest.raises(ValueError, match="objective.name='mea'.*did you mean mae"):
         validate_objective(ObjectiveConfig(name="mea"))
+    terms = [{"name": "mae"}, {"name": "crma"}]
+    with pytest.raises(ValueError, match=r"objective.terms\[1\].name='crma'.*did you mean croma"):
+        validate_objective(ObjectiveConfig(terms=terms))
 
 
 def test_unknown_option_is_named_with_its_key():
