@@ -9,6 +9,7 @@ arguments every rank runs."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 PRETRAIN_EXAMPLES = """examples:
@@ -84,6 +85,7 @@ def launch_command(args: argparse.Namespace, world_size: int) -> tuple[list[str]
     """
     from eoforge.launch.config import ConfigError
     from eoforge.pretrain.config import find_config
+    from eoforge.pretrain.schedule import schedule_warnings
 
     config = find_config(args.config).resolve()
     cfg = loaded_config(config, args.overrides)
@@ -92,6 +94,9 @@ def launch_command(args: argparse.Namespace, world_size: int) -> tuple[list[str]
             "new_run=true would wipe the run at every requeue; remove the run folder instead"
         )
     validate_for(cfg, world_size)
+    # Said here too: a submitted job's rank logs are read only later.
+    for message in schedule_warnings(cfg.optim, cfg.steps, cfg.global_batch(world_size)):
+        warnings.warn(message, stacklevel=1)
     run_dir = Path(cfg.run_dir).resolve()
     overrides = [o for o in args.overrides if not o.startswith("run_dir=")]
     return ["pretrain", "--config", str(config), *overrides, f"run_dir={run_dir}"], run_dir

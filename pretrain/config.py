@@ -243,6 +243,10 @@ class PretrainConfig:
             )
         return global_batch // per_step
 
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over ``world_size`` ranks."""
+        return self.data.batch_size * world_size * self.accumulation(world_size)
+
 
 def find_config(name_or_path: str) -> Path:
     """A config file path, or the name of one shipped in pretrain/configs (``demo``, ``mae``)."""

@@ -106,7 +106,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     encoder = create_model(cfg.model.name, **cfg.model.kwargs)
     objective = build_objective(cfg.objective, encoder)
     accumulation = cfg.accumulation(dist_env.world_size)
-    global_batch = cfg.data.batch_size * dist_env.world_size * accumulation
+    global_batch = cfg.global_batch(dist_env.world_size)
     peak = peak_lr(cfg.optim, global_batch)
     warmup = cfg.optim.warmup(cfg.steps)
     resume = newest_whole(run.checkpoints, is_main=dist_env.is_main)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from eoforge.launch.cli import main
 from eoforge.launch.config import load_config
 from eoforge.launch.run_logging import get_logger
 from eoforge.pretrain.config import OptimConfig, PretrainConfig, find_config
@@ -78,3 +79,11 @@ def test_warnings_reach_the_console_and_the_rank_log(tmp_path, capsys):
     assert expected in (tmp_path / "rank0.log").read_text()
     assert "try optim.blr=1.5e-03" in (tmp_path / "rank0.log").read_text()
     get_logger(None, rank=1)  # closes the log file: no handler left behind
+
+
+def test_launch_dry_run_warns_of_a_schedule_that_does_not_fit(tmp_path, capsys):
+    slurm = ["launch", "slurm", "--nodes", "1", "--gpus-per-node", "4", "--time", "1:00:00"]
+    argv = [*slurm, "--partition", "debug", "--dry-run", "--", "pretrain", "steps=20"]
+    assert main([*argv, "optim.warmup_steps=2000", f"run_dir={tmp_path / 'run'}"]) == 0
+    err = capsys.readouterr().err
+    assert "eoforge: warning: optim.warmup_steps=2000 is not shorter than the run" in err
