@@ -53,8 +53,11 @@ def check_model(name: str, kwargs: Mapping[str, object], key: str = "model") -> 
     _import_sizes()
     if name not in _MODELS:
         raise unknown_choice(f"{key}.name", name, _MODELS, "model")
-    # Size functions take **kwargs; their return annotation names the class they build.
-    arch = typing.get_type_hints(_MODELS[name])["return"]
+    # Size functions take **kwargs; their return annotation names the class they build (one
+    # registered without it is checked when it is built).
+    arch = typing.get_type_hints(_MODELS[name]).get("return")
+    if not isinstance(arch, type):
+        return
     check_options(arch, kwargs, f"{key}.kwargs")
     if hasattr(arch, "check_options"):
         arch.check_options(kwargs, f"{key}.kwargs")
