@@ -82,8 +82,9 @@ def check_shards(cfg: DataConfig, world_size: int) -> None:
         _shards_of(f"data.val_shards[{i}]", str(spec))
     workers = max(1, cfg.num_workers)
     if largest is not None and largest < world_size * workers:
+        key = "data.mixture" if cfg.mixture else "data.shards"
         raise DataError(
-            f"data.shards: {world_size} rank(s) x {workers} worker(s) need {world_size * workers} "
+            f"{key}: {world_size} rank(s) x {workers} worker(s) need {world_size * workers} "
             f"shards of one sensor, the largest source has {largest}; use fewer ranks or "
             "data.num_workers, or rebuild with a smaller --shard-size"
         )

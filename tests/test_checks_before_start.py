@@ -114,3 +114,15 @@ def test_debug_shows_the_traceback(capsys, tmp_path, shards, monkeypatch):
     with pytest.raises(ValueError, match="model.name='vit_tiny'"):
         main(pretrain_on(shards, "model.name=vit_tiny", f"run_dir={tmp_path}/r"))
     assert not (tmp_path / "r").exists()
+
+
+def test_mixture_sets_are_checked_under_their_own_keys(capsys, tmp_path, shards):
+    mixture = f"data.mixture=[{{shards: [{shards}], weight: 1}}, {{shards: [{tmp_path / 'x'}]}}]"
+    argv = ["pretrain", "--config", "demo", "data.demo=false", mixture]
+    err, code = refused(capsys, tmp_path, *argv)
+    assert code == 2 and f"data.mixture[1].shards[0]='{tmp_path / 'x'}'" in err
+    mixture = f"data.mixture=[{{shards: [{shards}], weight: 1}}]"
+    err, code = refused(
+        capsys, tmp_path, "launch", "local", "--nproc", "2", "--", *argv[:-1], mixture
+    )
+    assert code == 2 and "data.mixture: 2 rank(s) x 1 worker(s)" in err
