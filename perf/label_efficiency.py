@@ -121,6 +121,8 @@ RECIPES = {
             "kwargs": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4},
         },
     },
+    # instance_contrast again on shards that mix their samples (as mae_mixed_shards).
+    "instance_contrast_mixed_shards": {},
     "gpu_vit_small": {
         "steps": 4000,
         "save_every": 4000,
