@@ -219,6 +219,7 @@ def test_training_loop_under_zero3_on_two_ranks_resumes_exactly(tmp_path):
         "objective.kwargs.predictor_heads=4",
         "optim.lr=1e-3",
         "optim.warmup_steps=1",
+        "optim.warmup_fraction=null",  # the shipped config states warm-up as a fraction
         "objective.kwargs.momentum=0.5",  # a target encoder that moves far in 4 steps
     ]
     eoforge([*args, f"run_dir={full}"], cache, nproc=WORLD)

@@ -35,6 +35,7 @@ RUN = [
     "data.batch_size=2",
     "data.num_workers=0",
     "optim.warmup_steps=1",
+    "optim.warmup_fraction=null",  # shipped configs that state warm-up as a fraction
 ]
 SMALL_DECODER = [
     "objective.kwargs.decoder_dim=32",
