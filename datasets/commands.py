@@ -217,14 +217,11 @@ def _build_eurosat(args) -> int:
     from eoforge.datasets.errors import DataError
     from eoforge.datasets.eurosat import FORMS, build_eurosat_shards
 
-    unused = _given(
-        args, "--pair", "--series", "--bands", "--pattern", "--gsd", "--variable",
-        "--time-window-days", "--max-cloud-fraction",
+    _refuse_flags(
+        args, ["--pair", "--series", "--bands", "--pattern", "--gsd", "--variable",
+               "--time-window-days", "--max-cloud-fraction"],
+        "--layout eurosat declares the bands and reads every image; drop {flags}",
     )  # fmt: skip
-    if unused:
-        raise DataError(
-            f"--layout eurosat declares the bands and reads every image; drop {', '.join(unused)}"
-        )
     form = None
     if args.sensor:
         by_sensor = {f.sensor.upper(): name for name, f in FORMS.items()}
@@ -245,9 +242,14 @@ def _build_eurosat(args) -> int:
     return _report_build(summary, args.out, quality=False)
 
 
-def _given(args: argparse.Namespace, *flags: str) -> list[str]:
-    """The ``flags`` (``--time-window-days``) that the command line set."""
-    return [flag for flag in flags if vars(args)[flag[2:].replace("-", "_")] not in (None, False)]
+def _refuse_flags(args: argparse.Namespace, flags: list[str], message: str) -> None:
+    """DataError with ``message`` (its ``{flags}`` naming them) when the command line set any
+    of ``flags`` (``--time-window-days``)."""
+    from eoforge.datasets.errors import DataError
+
+    given = [f for f in flags if vars(args)[f[2:].replace("-", "_")] not in (None, False)]
+    if given:
+        raise DataError(message.format(flags=", ".join(given)))
 
 
 def _report_build(summary: dict, out: str, quality: bool) -> int:
@@ -268,17 +270,13 @@ def _report_build(summary: dict, out: str, quality: bool) -> int:
 
 def _build_cube(args) -> int:
     from eoforge.datasets.cubes import build_cube_shards
-    from eoforge.datasets.errors import DataError
 
-    unused = _given(
-        args, "--pair", "--series", "--layout", "--pattern", "--gsd", "--max-cloud-fraction",
-        "--time-window-days", "--drop-lone-partners",
+    _refuse_flags(
+        args, ["--pair", "--series", "--layout", "--pattern", "--gsd", "--max-cloud-fraction",
+               "--time-window-days", "--drop-lone-partners"],
+        "{flags} do(es) not apply to datacubes, which are read on their own grid one time step "
+        "per scene; drop them",
     )  # fmt: skip
-    if unused:
-        raise DataError(
-            f"{', '.join(unused)} do(es) not apply to datacubes, which are read on their own grid "
-            "one time step per scene; drop them"
-        )
     summary = build_cube_shards(
         args.src,
         args.out,
